@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from ess_po.ess import ESSStats, all_reduce_stats
+from ess_po.ess import all_reduce_stats, stats_from_masked_log_ratio
 
 # Below d = -LINEAR_TAIL the regulariser's exp(-d) is continued by its tangent line, so value
 # and gradient stay finite (e^30 ~ 1e13 even summed over 1e9 tokens fits float32) while the
@@ -92,23 +92,12 @@ def ess_loss_forward(
     count_rows = valid.sum(dim=-1).to(cdtype)
 
     # ESS statistics with a max shift (exponents <= 0): stable for any log-ratio magnitude.
-    shift = lw.amax(dim=-1, keepdim=True) if options.per_sequence else lw.amax()
-    shift = torch.where(torch.isfinite(shift), shift, 0.0)
-    e = torch.exp(lw - shift)
     if options.per_sequence:
-        s1 = e.sum(dim=-1)
-        s2 = (e * e).sum(dim=-1)
-        shift = shift.squeeze(-1)
-        local = ESSStats(shift + torch.log(s1), 2.0 * shift + torch.log(s2), count_rows)
-        stats = local
-        log_ess_rows = local.log_ess()
+        local = stats = stats_from_masked_log_ratio(lw, count_rows, dim=-1)
+        log_ess_rows = stats.log_ess()
         log_ess = log_ess_rows.unsqueeze(-1)
     else:
-        flat = e.reshape(-1)
-        local = ESSStats(
-            shift + torch.log(flat.sum()), 2.0 * shift + torch.log(torch.dot(flat, flat)),
-            count_rows.sum(),
-        )
+        local = stats_from_masked_log_ratio(lw, count_rows.sum(), dim=None)
         stats = all_reduce_stats(local, options.process_group) if options.sync else local
         log_ess = stats.log_ess()
         log_ess_rows = log_ess.expand_as(count_rows)
@@ -152,13 +141,16 @@ def ess_loss_forward(
         ess = torch.where(nonempty.any(), ess, 1.0)
         ess_min = torch.where(nonempty, ess_rows, 1.0).amin()
         log_sum_w = torch.logsumexp(local.log_sum_w, dim=0)
-        ratio_max = torch.exp(torch.where(nonempty, shift, float("-inf")).amax())
+        ratio_max = torch.exp(torch.where(nonempty, local.shift, float("-inf")).amax())
     else:
         ess = ess_min = stats.ess()
         log_sum_w = local.log_sum_w
-        ratio_max = torch.exp(shift)
+        ratio_max = torch.exp(local.shift)
     ratio_mean = torch.where(has_tokens, torch.exp(log_sum_w - torch.log(n_safe)), 1.0)
     ratio_max = torch.where(has_tokens, ratio_max, 1.0)
+    # Ratios beyond float32's range (log ratio > 88) are reported saturated, not as inf.
+    fmax = torch.finfo(torch.float32).max
+    ratio_mean, ratio_max = ratio_mean.clamp(max=fmax), ratio_max.clamp(max=fmax)
     diagnostics = torch.stack(
         [
             ess,

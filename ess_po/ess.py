@@ -8,7 +8,7 @@ For log ratios :math:`\ell_t = \log w_t` over the :math:`n` valid tokens,
                  = \exp\big(2\,\mathrm{LSE}(\ell) - \mathrm{LSE}(2\ell) - \log n\big)
                  \in [1/n,\ 1].
 
-The sufficient statistics :class:`ESSStats` ``(LSE(ℓ), LSE(2ℓ), n)`` combine exactly across
+The sufficient statistics :class:`ESSStats` (a shift, two shifted log-sums, n) combine exactly across
 micro-batches (:meth:`ESSStats.merge`) and data-parallel ranks (:func:`all_reduce_stats`, one
 all-reduce), so the ESS of a split batch equals the ESS of the whole batch. Computing them in log
 space with a max shift keeps log ratios of ±80 and beyond finite (a direct ``exp`` would overflow
@@ -26,34 +26,53 @@ from ess_po._validation import _describe
 
 
 class ESSStats(NamedTuple):
-    """Log-space sufficient statistics of importance ratios.
+    r"""Log-space sufficient statistics of importance ratios :math:`w_t = e^{\ell_t}`.
+
+    With a shift :math:`s` (the largest log ratio), ``log_s1`` :math:`= \log\sum_t e^{\ell_t - s}`
+    and ``log_s2`` :math:`= \log\sum_t e^{2(\ell_t - s)}`, so :math:`\log\sum_t w_t = s +`
+    ``log_s1`` and :math:`\log\mathrm{ESS} = 2\,` ``log_s1`` :math:`-` ``log_s2`` :math:`-\log n`:
+    the shift cancels, so equal ratios give ESS = 1 exactly, whatever their size.
 
     Attributes:
-        log_sum_w: :math:`\\log \\sum_t w_t` (``-inf`` when there are no valid tokens).
-        log_sum_w2: :math:`\\log \\sum_t w_t^2`.
+        shift: the shift :math:`s` (0 when there are no valid tokens).
+        log_s1: shifted log-sum of ratios; ``-inf`` when there are no valid tokens.
+        log_s2: shifted log-sum of squared ratios; ``-inf`` when there are no valid tokens.
         count: number of valid tokens :math:`n` (floating point).
 
-    All three have the same shape: ``()`` for a batch, ``(B,)`` per sequence.
+    All fields have the same shape: ``()`` for a batch, ``(B,)`` per sequence.
     """
 
-    log_sum_w: torch.Tensor
-    log_sum_w2: torch.Tensor
+    shift: torch.Tensor
+    log_s1: torch.Tensor
+    log_s2: torch.Tensor
     count: torch.Tensor
 
+    @property
+    def log_sum_w(self) -> torch.Tensor:
+        r""":math:`\log \sum_t w_t`."""
+        return self.shift + self.log_s1
+
     def merge(self, other: ESSStats) -> ESSStats:
-        """Statistics of the union of two disjoint sets of tokens."""
+        """Statistics of the union of two disjoint sets of tokens (exact, in log space)."""
+        both = torch.maximum(self.shift, other.shift)
+        shift = torch.where(
+            self.count > 0, torch.where(other.count > 0, both, self.shift), other.shift
+        )
+        da, db = self.shift - shift, other.shift - shift
         return ESSStats(
-            torch.logaddexp(self.log_sum_w, other.log_sum_w),
-            torch.logaddexp(self.log_sum_w2, other.log_sum_w2),
+            shift,
+            torch.logaddexp(self.log_s1 + da, other.log_s1 + db),
+            torch.logaddexp(self.log_s2 + 2.0 * da, other.log_s2 + 2.0 * db),
             self.count + other.count,
         )
 
     def log_ess(self) -> torch.Tensor:
-        """:math:`\\log \\mathrm{ESS}` in ``[-log n, 0]``; 0 (ESS = 1) when there are no tokens."""
+        r""":math:`\log \mathrm{ESS}` in ``[-log n, 0]``; 0 (ESS = 1) when there are no tokens."""
         n = self.count
-        raw = 2.0 * self.log_sum_w - self.log_sum_w2 - torch.log(n.clamp(min=1.0))
+        log_n = torch.log(n.clamp(min=1.0))
+        raw = 2.0 * self.log_s1 - self.log_s2 - log_n
         # Clamp away rounding outside the mathematical range; n = 0 means "nothing to correct".
-        raw = torch.minimum(torch.maximum(raw, -torch.log(n.clamp(min=1.0))), torch.zeros_like(raw))
+        raw = torch.minimum(torch.maximum(raw, -log_n), torch.zeros_like(raw))
         return torch.where(n > 0, raw, torch.zeros_like(raw))
 
     def ess(self) -> torch.Tensor:
@@ -61,28 +80,25 @@ class ESSStats(NamedTuple):
         return self.log_ess().exp()
 
 
-def _stats_from_masked_log_ratio(masked_lw: torch.Tensor, dim: int | None) -> ESSStats:
+def stats_from_masked_log_ratio(
+    masked_lw: torch.Tensor, count: torch.Tensor, dim: int | None
+) -> ESSStats:
     """Statistics from log ratios that hold ``-inf`` at masked positions.
 
     Shifting by the maximum makes every exponent <= 0: no overflow, and the largest term is 1.
+    ``count`` is the number of valid positions, reduced like ``dim``.
     """
-    if dim is None:
-        m = masked_lw.amax()
-        count_shape: tuple[int, ...] = ()
-    else:
-        m = masked_lw.amax(dim=dim, keepdim=True)
-        count_shape = tuple(s for i, s in enumerate(masked_lw.shape) if i != dim % masked_lw.dim())
+    shift = masked_lw.amax() if dim is None else masked_lw.amax(dim=dim, keepdim=True)
     # All-masked rows have max -inf; shift them by 0 so exp(-inf - 0) = 0, not NaN.
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(masked_lw - m)
+    shift = torch.where(torch.isfinite(shift), shift, 0.0)
+    e = torch.exp(masked_lw - shift)
     if dim is None:
         flat = e.reshape(-1)
         s1, s2 = flat.sum(), torch.dot(flat, flat)
     else:
         s1, s2 = e.sum(dim=dim), (e * e).sum(dim=dim)
-        m = m.squeeze(dim)
-    count = torch.isfinite(masked_lw).sum(dim=dim).to(e.dtype).reshape(count_shape)
-    return ESSStats(m + torch.log(s1), 2.0 * m + torch.log(s2), count)
+        shift = shift.squeeze(dim)
+    return ESSStats(shift, torch.log(s1), torch.log(s2), count.to(e.dtype))
 
 
 def ess_stats(
@@ -116,9 +132,8 @@ def ess_stats(
     lw = log_ratio.detach()
     if lw.dtype != torch.float64:
         lw = lw.float()
-    neg_inf = torch.tensor(float("-inf"), dtype=lw.dtype, device=lw.device)
     valid = torch.isfinite(lw) if mask is None else mask.bool()
-    return _stats_from_masked_log_ratio(torch.where(valid, lw, neg_inf), dim)
+    return stats_from_masked_log_ratio(torch.where(valid, lw, float("-inf")), valid.sum(dim=dim), dim)
 
 
 def _default_group_size(process_group: dist.ProcessGroup | None) -> int:
@@ -132,23 +147,29 @@ def all_reduce_stats(
 ) -> ESSStats:
     """Combine batch-scope statistics over the ranks of ``process_group`` with one all-reduce.
 
-    Each rank writes its ``(LSE(ℓ), LSE(2ℓ), n)`` into its own row of a ``(world, 3)`` buffer of
-    zeros; a sum all-reduce then gathers every rank's row, and a log-sum-exp over rows combines
-    them exactly. Ranks with no valid tokens contribute ``-inf`` rows, which combine as zero mass.
+    Each rank writes its four statistics into its own row of a ``(world, 4)`` buffer of zeros; a
+    sum all-reduce then gathers every rank's row, and a re-shifted log-sum-exp over rows combines
+    them exactly. Ranks with no valid tokens contribute ``-inf`` sums, which combine as zero mass.
     A no-op when torch.distributed is not initialised or has one rank.
     """
     world = _default_group_size(process_group)
     if world == 1:
         return stats
     rank = dist.get_rank(process_group)
-    local = torch.stack([stats.log_sum_w, stats.log_sum_w2, stats.count]).reshape(1, 3)
+    local = torch.stack(list(stats)).reshape(1, 4)
     rows = torch.arange(world, device=local.device).reshape(world, 1) == rank
     buf = torch.where(rows, local, torch.zeros_like(local))
     dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=process_group)
+    shift, log_s1, log_s2, count = buf.unbind(1)
+    nonempty = count > 0
+    top = torch.where(nonempty, shift, float("-inf")).amax()
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    delta = torch.where(nonempty, shift - top, 0.0)
     return ESSStats(
-        torch.logsumexp(buf[:, 0], dim=0),
-        torch.logsumexp(buf[:, 1], dim=0),
-        buf[:, 2].sum(),
+        top,
+        torch.logsumexp(log_s1 + delta, dim=0),
+        torch.logsumexp(log_s2 + 2.0 * delta, dim=0),
+        count.sum(),
     )
 
 
