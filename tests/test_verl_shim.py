@@ -395,6 +395,19 @@ def test_metrics_are_detached_scalar_tensors_verl_accepts() -> None:
         assert metric.aggregate() == pytest.approx(float(metrics[key]))
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_micro_batch_is_finite(mode: str) -> None:
+    """A micro-batch with no valid token (verl pads ranks to the same micro-batch count) gives
+    loss 0 and gradient 0, with or without global batch info (verl's agg_loss gives NaN for
+    local token-mean here)."""
+    batch = make_batch(batch_size=2, seed=14)
+    batch["response_mask"] = torch.zeros_like(batch["response_mask"])
+    for info in ({}, {"dp_size": 2, "batch_num_tokens": 9, "global_batch_size": 4}):
+        loss, grad, _ = run(shim.compute_policy_loss_ess, batch, mode, {"global_batch_info": info})
+        assert_close(loss, torch.zeros((), dtype=loss.dtype))
+        assert_close(grad, torch.zeros_like(grad))
+
+
 def test_errors_name_the_fix() -> None:
     batch = make_batch(seed=10)
     with pytest.raises(ValueError, match="loss_agg_mode"):

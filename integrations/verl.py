@@ -1,0 +1,300 @@
+"""verl shim: registers the ESS policy loss under ``policy_loss.loss_mode=ess``.
+
+Importing this module registers two entries in verl's policy-loss registry
+(``verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY``):
+
+* ``ess``     -- :func:`ess_po.ess_policy_loss` with ``ess_scope="batch"`` (the paper's objective);
+* ``ess_seq`` -- the same loss with ``ess_scope="sequence"`` (one ESS per sequence).
+
+verl imports this module by itself: ``pyproject.toml`` declares it in the ``verl.plugins``
+entry-point group, which ``import verl`` loads (unless ``VERL_USE_EXTERNAL_PLUGINS=none``).
+The fallback is ``VERL_USE_EXTERNAL_MODULES=ess_po.integrations.verl``.
+
+Loss (per verl call = one micro-batch on one rank; shapes ``(B, T)``)::
+
+    d    = log_prob - old_log_prob,      w = exp(d),      c = rollout_is_weights (or 1)
+    ℓ_bt = -sg(min(w_bt, ESS)) * A_bt * c_bt * log_prob_bt + (1 - ESS) * (d_bt + exp(-d_bt) - 1)
+    loss = scale * core_agg(ℓ, response_mask; mode, normalizer)
+
+The per-token loss and its aggregation are computed by the core (:func:`ess_po.ess_policy_loss`);
+this module only translates verl's ``loss_agg_mode`` and ``config.global_batch_info`` into the
+core's ``loss_agg_mode`` / ``normalizer`` plus a scalar ``scale``, reproducing
+``verl.trainer.ppo.core_algos.agg_loss``::
+
+    verl loss_agg_mode        core loss_agg_mode     core normalizer                     scale
+    -----------------------   -------------------    --------------------------------    ------------
+    token-mean                token-mean             batch_num_tokens   (None: local)    dp_size
+    token-sum                 token-sum              --                                  dp_size
+    seq-mean-token-sum        seq-mean-token-sum     global_batch_size  (None: local)    dp_size
+    seq-mean-token-sum-norm   seq-mean-token-sum     global_batch_size  (None: local)    dp_size / H
+    seq-mean-token-mean       seq-mean-token-mean    global_batch_size  (None: local)    dp_size
+
+with ``H = loss_scale_factor`` or, when that is None, ``T = response_mask.shape[-1]``. "local" is
+the core's default (valid tokens / non-empty sequences of this call), exactly verl's fallback.
+verl's data-parallel all-reduce *averages* gradients, hence the ``dp_size`` factor; with the
+global normaliser the micro-batch gradients then *sum* to the gradient of the full mini-batch.
+
+ESS itself is a per-call statistic all-reduced over data-parallel ranks by the core (see
+:func:`set_process_group`); it is not shared across micro-batches.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any, Final
+
+import torch
+
+from ess_po import ess_policy_loss
+
+__all__ = [
+    "LOSS_NAME",
+    "SEQUENCE_LOSS_NAME",
+    "VERL_LOSS_AGG_MODES",
+    "compute_policy_loss_ess",
+    "compute_policy_loss_ess_seq",
+    "register",
+    "set_process_group",
+    "verl_aggregation",
+]
+
+LOSS_NAME: Final = "ess"
+SEQUENCE_LOSS_NAME: Final = "ess_seq"
+
+#: verl ``loss_agg_mode`` -> core ``loss_agg_mode``.
+_CORE_MODE: Final[dict[str, str]] = {
+    "token-mean": "token-mean",
+    "token-sum": "token-sum",
+    "seq-mean-token-sum": "seq-mean-token-sum",
+    "seq-mean-token-sum-norm": "seq-mean-token-sum",
+    "seq-mean-token-mean": "seq-mean-token-mean",
+}
+VERL_LOSS_AGG_MODES: Final = tuple(_CORE_MODE)
+
+_GLOBAL_BATCH_KEYS: Final = (
+    "dp_size",
+    "batch_num_tokens",
+    "global_batch_size",
+    "loss_scale_factor",
+)
+
+Normalizer = int | float | torch.Tensor | None
+
+_process_group: Any = None
+
+
+def set_process_group(group: Any) -> None:
+    """Set the ``torch.distributed`` group over which ESS is all-reduced (``None``: automatic).
+
+    Automatic means: Megatron's data-parallel group when ``megatron.core.parallel_state`` is
+    initialised (only the last pipeline stage computes the loss, so the world group would hang),
+    otherwise the default (world) group. Ranks that hold identical copies of a micro-batch
+    (tensor / sequence parallel replicas) may join the reduction: ESS is a ratio of sums, so
+    replicating the same tokens does not change it.
+    """
+    global _process_group
+    _process_group = group
+
+
+def _ess_process_group() -> Any:
+    if _process_group is not None:
+        return _process_group
+    mpu = sys.modules.get("megatron.core.parallel_state")
+    if mpu is not None and mpu.model_parallel_is_initialized():
+        return mpu.get_data_parallel_group()
+    return None
+
+
+def _global_batch_info(config: Any) -> Mapping[str, Any]:
+    """``config.global_batch_info`` for ActorConfig / DictConfig / dict configs; ``{}`` if absent."""
+    if config is None:
+        return {}
+    if isinstance(config, Mapping):
+        info = config.get("global_batch_info", None)
+    else:
+        info = getattr(config, "global_batch_info", None)
+    if info is None:
+        return {}
+    if not isinstance(info, Mapping):
+        raise ValueError(
+            f"config.global_batch_info must be a mapping with keys {_GLOBAL_BATCH_KEYS}, "
+            f"got {type(info).__name__}; pass verl's ActorConfig (or a dict) as `config`."
+        )
+    return info
+
+
+def verl_aggregation(
+    loss_agg_mode: str,
+    response_mask: torch.Tensor,
+    global_batch_info: Mapping[str, Any] | None = None,
+) -> tuple[str, Normalizer, float]:
+    """Translate verl's aggregation into ``(core_loss_agg_mode, normalizer, scale)``.
+
+    ``response_mask`` is the ``(B, T)`` mask of the micro-batch (only its width ``T`` is used, as
+    the horizon of ``seq-mean-token-sum-norm`` when ``loss_scale_factor`` is None).
+    ``global_batch_info`` holds verl's ``dp_size`` (default 1), ``batch_num_tokens`` (valid tokens
+    in the mini-batch over all ranks), ``global_batch_size`` (sequences in the mini-batch over all
+    ranks) and ``loss_scale_factor``; missing / None entries fall back to local counts, which
+    verl only allows for ``dp_size == 1``. The shim's loss is ``scale * core_loss``.
+    """
+    if loss_agg_mode not in _CORE_MODE:
+        raise ValueError(
+            f"Unsupported loss_agg_mode {loss_agg_mode!r}; set actor_rollout_ref.actor.loss_agg_mode "
+            f"to one of {VERL_LOSS_AGG_MODES}."
+        )
+    info = global_batch_info or {}
+    dp_size = info.get("dp_size", None)
+    dp_size = 1 if dp_size is None else int(dp_size)
+    if dp_size < 1:
+        raise ValueError(f"global_batch_info['dp_size'] must be >= 1, got {dp_size}.")
+
+    normalizer: Normalizer = None
+    scale = float(dp_size)
+    if loss_agg_mode == "token-mean":
+        normalizer = info.get("batch_num_tokens", None)
+        if normalizer is None and dp_size > 1:
+            raise ValueError(
+                "token-mean with dp_size > 1 needs global_batch_info['batch_num_tokens'] (valid "
+                "tokens of the mini-batch over all ranks); verl's actor sets it, direct callers must too."
+            )
+    elif loss_agg_mode != "token-sum":
+        normalizer = info.get("global_batch_size", None)
+        if normalizer is None and dp_size > 1:
+            raise ValueError(
+                f"{loss_agg_mode} with dp_size > 1 needs global_batch_info['global_batch_size'] "
+                "(sequences of the mini-batch over all ranks); verl's actor sets it, direct callers must too."
+            )
+        if loss_agg_mode == "seq-mean-token-sum-norm":
+            horizon = info.get("loss_scale_factor", None)
+            if horizon is None:
+                horizon = response_mask.shape[-1]
+            if float(horizon) <= 0:
+                raise ValueError(
+                    f"loss_scale_factor must be positive, got {horizon}; set "
+                    "actor_rollout_ref.actor.loss_scale_factor to the max response length or null."
+                )
+            scale /= float(horizon)
+    return _CORE_MODE[loss_agg_mode], normalizer, scale
+
+
+def _verl_metrics(metrics: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Core diagnostics under verl's ``actor/`` prefix (``actor/ess``, ``actor/ess_capped_frac``, ...).
+
+    Values stay detached 0-dim tensors: verl 0.9 wraps them in ``verl.utils.metric.Metric``, which
+    accepts scalar tensors (it calls ``.item()`` itself), so the loss path adds no host sync.
+    """
+    keys = ("ess", "ess_min", "capped_frac", "kl_behavior", "ratio_mean", "ratio_max")
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        if key in metrics:
+            name = key if key.startswith("ess") else f"ess_{key}"
+            out[f"actor/{name}"] = metrics[key]
+    return out
+
+
+def _ess_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str,
+    config: Any,
+    rollout_is_weights: torch.Tensor | None,
+    ess_scope: str,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    core_mode, normalizer, scale = verl_aggregation(
+        loss_agg_mode, response_mask, _global_batch_info(config)
+    )
+    out = ess_policy_loss(
+        log_prob,
+        old_log_prob.detach(),
+        advantages,
+        response_mask,
+        loss_agg_mode=core_mode,
+        normalizer=normalizer,
+        ess_scope=ess_scope,
+        rollout_weights=None if rollout_is_weights is None else rollout_is_weights.detach(),
+        process_group=_ess_process_group(),
+    )
+    loss = out.loss if scale == 1.0 else out.loss * scale
+    return loss, _verl_metrics(out.metrics())
+
+
+def compute_policy_loss_ess(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """ESS policy loss with verl's policy-loss signature (registered as ``ess``).
+
+    Args:
+        old_log_prob: ``(B, T)`` behaviour log-probs (detached).
+        log_prob: ``(B, T)`` current-policy log-probs of the sampled tokens (requires grad).
+        advantages: ``(B, T)`` advantages (``(B,)`` / ``(B, 1)`` also accepted by the core).
+        response_mask: ``(B, T)`` bool / 0-1 mask of valid response tokens.
+        loss_agg_mode: one of :data:`VERL_LOSS_AGG_MODES` (see module docstring for the mapping).
+        config: verl's ``ActorConfig`` (or ``DictConfig`` / dict); only ``global_batch_info`` is
+            read. ``None`` means local normalisation with ``dp_size = 1``.
+        rollout_is_weights: ``(B, T)`` rollout-correction weights multiplying the policy term.
+
+    Returns:
+        ``(loss, metrics)``: scalar loss differentiable w.r.t. ``log_prob`` and a dict of detached
+        0-dim tensors ``actor/ess``, ``actor/ess_min``, ``actor/ess_capped_frac``,
+        ``actor/ess_kl_behavior``, ``actor/ess_ratio_mean``, ``actor/ess_ratio_max``.
+    """
+    return _ess_loss(
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+        "batch",
+    )
+
+
+def compute_policy_loss_ess_seq(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """As :func:`compute_policy_loss_ess` with one ESS per sequence (registered as ``ess_seq``).
+
+    Per-sequence ESS does not depend on how verl splits the mini-batch, so the summed micro-batch
+    gradients equal the full mini-batch gradient exactly.
+    """
+    return _ess_loss(
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+        "sequence",
+    )
+
+
+def register() -> None:
+    """Register ``ess`` and ``ess_seq`` with verl's ``register_policy_loss`` (idempotent)."""
+    try:
+        from verl.trainer.ppo.core_algos import register_policy_loss
+    except ImportError as exc:  # pragma: no cover - exercised only without verl
+        raise ImportError(
+            'ess_po.integrations.verl needs verl>=0.9: pip install "ess-po[verl]"'
+        ) from exc
+    register_policy_loss(LOSS_NAME)(compute_policy_loss_ess)
+    register_policy_loss(SEQUENCE_LOSS_NAME)(compute_policy_loss_ess_seq)
+
+
+register()
