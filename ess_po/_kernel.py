@@ -1,8 +1,10 @@
 """The fused forward pass and closed-form gradient of the ESS objective.
 
-Everything here runs without autograd: one pass gathers the ESS statistics, one elementwise pass
-produces the per-token terms, their row sums and (when a gradient is needed) the gradient with
-respect to ``logp_new``. :class:`ESSLossFunction` wraps it so autograd's backward is a single
+Everything here runs without autograd, in a fixed number of elementwise passes and reductions
+over the (B, T) tensors with two transcendental functions per token (the ESS statistics' exp
+and the regulariser's expm1, from which the ratio is recovered): the statistics, the per-token
+terms, their row sums and (when a gradient is needed) the gradient with respect to
+``logp_new``. :class:`ESSLossFunction` wraps it so autograd's backward is a single
 multiplication by the saved gradient.
 """
 
@@ -17,10 +19,12 @@ import torch.distributed as dist
 from ess_po.ess import all_reduce_stats, stats_from_masked_log_ratio
 
 # Below d = -LINEAR_TAIL the regulariser's exp(-d) is continued by its tangent line, so value
-# and gradient stay finite (e^30 ~ 1e13 even summed over 1e9 tokens fits float32) while the
+# and gradient stay finite (e^50 ~ 5e21, even summed over 1e9 tokens, fits float32) while the
 # gradient keeps pulling logp_new up toward logp_old, growing-and-then-constant, never zero.
-LINEAR_TAIL = 30.0
+LINEAR_TAIL = 50.0
 _EXP_TAIL = math.exp(LINEAR_TAIL)
+# Log-ratio given to masked tokens in the ESS sums: exp(_PAD - shift) is exactly 0.
+_PAD = 1e30
 
 # Order of the packed diagnostics returned next to the loss.
 DIAGNOSTICS = (
@@ -77,46 +81,66 @@ def ess_loss_forward(
     """Loss, packed diagnostics (see ``DIAGNOSTICS``) and d loss / d logp_new (or ``None``).
 
     Inputs are already validated; advantages are (B, 1) or (B, T). Computation is float32
-    (float64 if ``logp_new`` is float64) whatever the input dtype.
+    (float64 if ``logp_new`` is float64) whatever the input dtype. The mask is used as a 0/1
+    float and garbage is removed arithmetically: on CPU, boolean selects cost several times an
+    arithmetic pass.
     """
     cdtype = torch.float64 if logp_new.dtype == torch.float64 else torch.float32
     lp = logp_new.detach().to(cdtype)
     lo = logp_old.detach().to(cdtype)
     adv = advantages.detach().to(cdtype)
-    valid = mask if mask.dtype == torch.bool else mask != 0
+    maskf = mask.to(cdtype)
+    # Fresh (B, T) buffers cost allocator work and page faults that rival the arithmetic on
+    # CPU, so the passes below run in place in three of them: d, buf and q (which becomes the
+    # gradient).
 
-    # d = logp_new - logp_old at valid tokens, 0 elsewhere: masked garbage (-inf, NaN) never
-    # reaches an exp, and k3(0) = 0 so padding adds nothing to any sum.
-    d = torch.where(valid, lp - lo, 0.0)
-    lw = torch.where(valid, d, float("-inf"))
-    count_rows = valid.sum(dim=-1).to(cdtype)
+    # d = logp_new - logp_old at valid tokens, 0 at masked ones. nan_to_num turns masked
+    # garbage (NaN, +-inf) into finite numbers that the 0 of the mask then erases.
+    d = torch.sub(lp, lo).nan_to_num_().mul_(maskf)
+    count_rows = maskf.sum(dim=-1)
 
     # ESS statistics with a max shift (exponents <= 0): stable for any log-ratio magnitude.
+    buf = torch.sub(maskf, 1.0).mul_(_PAD).add_(d)  # masked tokens at -1e30 for the max
+    dim = -1 if options.per_sequence else None
+    count = count_rows if options.per_sequence else count_rows.sum()
+    local = stats_from_masked_log_ratio(buf, count, dim, overwrite=True, valid=maskf)
     if options.per_sequence:
-        local = stats = stats_from_masked_log_ratio(lw, count_rows, dim=-1)
+        stats = local
         log_ess_rows = stats.log_ess()
         log_ess = log_ess_rows.unsqueeze(-1)
     else:
-        local = stats_from_masked_log_ratio(lw, count_rows.sum(), dim=None)
         stats = all_reduce_stats(local, options.process_group) if options.sync else local
         log_ess = stats.log_ess()
         log_ess_rows = log_ess.expand_as(count_rows)
+    ess_tok = log_ess.exp()
     one_minus_ess_rows = -torch.expm1(log_ess_rows)
 
-    # Capped score-function weight rho = min(w, ESS), formed in log space.
-    rho = torch.exp(torch.minimum(d, log_ess))
-    capped = (lw > log_ess).sum()
+    # Regulariser k3(d) = d + exp(-d) - 1 via expm1 (accurate near d = 0). Below d = -L the
+    # exponential continues along its tangent: k3 gains e^L * (max(d, -L) - d).
+    em = torch.clamp(d, min=-LINEAR_TAIL, out=buf)
+    tail_excess = em.sum(dim=-1) - d.sum(dim=-1)  # exactly 0 unless some d < -L
+    em.neg_().expm1_()  # exp(-d) - 1 = -(d k3 / d d); 0 at masked tokens (d = 0)
+    q = torch.add(em, d)
+    k3_rows = q.sum(dim=-1) + _EXP_TAIL * tail_excess
 
-    # Regulariser k3(d) = d + exp(-d) - 1 via expm1 (accurate near d = 0), with a linear tail.
-    tail = d.clamp(min=-LINEAR_TAIL)
-    em = torch.expm1(-tail)  # exp(-d) - 1, and -(d k3 / d d)
-    k3 = em + d
-    k3_rows = k3.sum(dim=-1) + _EXP_TAIL * (tail.sum(dim=-1) - d.sum(dim=-1))
+    # Ratio w = 1 / (1 + em) = exp(d), reusing the regulariser's exponential. It is exact
+    # where it matters: an uncapped token has w < ESS <= 1, i.e. d < 0, where 1 + em >= 1 is
+    # well conditioned (below d = -L it reads e^-L ~ 2e-22 instead of e^d). Capped tokens
+    # (w > ESS, possibly inf) get weight ESS.
+    w = torch.add(em, 1.0, out=q).reciprocal_()
+    # Tokens with w > ESS (d is free scratch now); masked tokens have w = 1, counted back out.
+    above = torch.sub(w, ess_tok, out=d).relu_().sign_().sum()
+    capped = above - ((maskf.shape[-1] - count_rows) * (log_ess_rows < 0).to(cdtype)).sum()
+    q = w.clamp_(max=ess_tok)  # rho = min(w, ESS)
 
-    q = rho * adv
+    q.mul_(adv)
     if rollout_weights is not None:
-        q = q * rollout_weights.detach().to(cdtype)
-    pg_rows = torch.where(valid, q * lp, 0.0).sum(dim=-1)
+        q.mul_(rollout_weights.detach().to(cdtype))
+    if adv.shape[-1] != 1 or rollout_weights is not None:
+        q.nan_to_num_()  # per-token advantages or weights may hold garbage at masked positions
+    q.mul_(maskf)  # q = rho * A * c, 0 at masked tokens
+    # nansum drops the 0 * (-inf) of padded log-probs.
+    pg_rows = torch.nansum(torch.mul(q, lp, out=d), dim=-1)
 
     weights = _row_weights(count_rows, options, normalizer)
     policy_loss = -(weights * pg_rows).sum()
@@ -126,9 +150,8 @@ def ess_loss_forward(
     grad = None
     if need_grad:
         # d/d logp_new of weight * (-rho A c logp_new + (1 - ESS) k3(d)), rho held constant.
-        g = torch.addcmul(q, em, one_minus_ess_rows.unsqueeze(-1))
-        g = g * (-weights).unsqueeze(-1)
-        grad = torch.where(valid, g, 0.0)
+        # Both terms are 0 at masked tokens, so no masking pass is needed here.
+        grad = q.addcmul_(em, one_minus_ess_rows.unsqueeze(-1)).mul_((-weights).unsqueeze(-1))
 
     n_local = local.count.sum() if options.per_sequence else local.count
     n_safe = n_local.clamp(min=1.0)

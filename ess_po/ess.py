@@ -81,24 +81,42 @@ class ESSStats(NamedTuple):
 
 
 def stats_from_masked_log_ratio(
-    masked_lw: torch.Tensor, count: torch.Tensor, dim: int | None
+    masked_lw: torch.Tensor,
+    count: torch.Tensor,
+    dim: int | None,
+    *,
+    overwrite: bool = False,
+    valid: torch.Tensor | None = None,
 ) -> ESSStats:
-    """Statistics from log ratios that hold ``-inf`` at masked positions.
+    """Statistics from log ratios that hold ``-inf`` (or -1e30) at masked positions.
 
     Shifting by the maximum makes every exponent <= 0: no overflow, and the largest term is 1.
-    ``count`` is the number of valid positions, reduced like ``dim``.
+    ``count`` is the number of valid positions, reduced like ``dim``. With ``overwrite`` the
+    exponentials are formed in ``masked_lw``'s own memory (no new (B, T) buffer); ``valid``
+    (0/1 float, optional) zeroes masked positions without exponentiating their padding.
     """
     shift = masked_lw.amax() if dim is None else masked_lw.amax(dim=dim, keepdim=True)
-    # All-masked rows have max -inf; shift them by 0 so exp(-inf - 0) = 0, not NaN.
+    # All-masked rows have a max of -inf (or the padding value); shift them by 0 so that
+    # exp(-inf - 0) = 0, not NaN, and mark them empty below.
     shift = torch.where(torch.isfinite(shift), shift, 0.0)
-    e = torch.exp(masked_lw - shift)
+    e = masked_lw.sub_(shift) if overwrite else masked_lw - shift
+    # exp of a huge negative number takes a slow path on CPU: with ``valid``, exponentiate 0
+    # at masked positions and zero them after.
+    e = e.exp_() if valid is None else e.mul_(valid).exp_().mul_(valid)
     if dim is None:
         flat = e.reshape(-1)
         s1, s2 = flat.sum(), torch.dot(flat, flat)
     else:
-        s1, s2 = e.sum(dim=dim), (e * e).sum(dim=dim)
+        s1, s2 = e.sum(dim=dim), torch.linalg.vecdot(e, e, dim=dim)
         shift = shift.squeeze(dim)
-    return ESSStats(shift, torch.log(s1), torch.log(s2), count.to(e.dtype))
+    count = count.to(e.dtype)
+    empty = count == 0
+    return ESSStats(
+        torch.where(empty, 0.0, shift),
+        torch.where(empty, float("-inf"), torch.log(s1)),
+        torch.where(empty, float("-inf"), torch.log(s2)),
+        count,
+    )
 
 
 def ess_stats(
@@ -133,7 +151,9 @@ def ess_stats(
     if lw.dtype != torch.float64:
         lw = lw.float()
     valid = torch.isfinite(lw) if mask is None else mask.bool()
-    return stats_from_masked_log_ratio(torch.where(valid, lw, float("-inf")), valid.sum(dim=dim), dim)
+    return stats_from_masked_log_ratio(
+        torch.where(valid, lw, float("-inf")), valid.sum(dim=dim), dim
+    )
 
 
 def _default_group_size(process_group: dist.ProcessGroup | None) -> int:
@@ -142,9 +162,7 @@ def _default_group_size(process_group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(process_group)
 
 
-def all_reduce_stats(
-    stats: ESSStats, process_group: dist.ProcessGroup | None = None
-) -> ESSStats:
+def all_reduce_stats(stats: ESSStats, process_group: dist.ProcessGroup | None = None) -> ESSStats:
     """Combine batch-scope statistics over the ranks of ``process_group`` with one all-reduce.
 
     Each rank writes its four statistics into its own row of a ``(world, 4)`` buffer of zeros; a

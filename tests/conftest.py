@@ -43,9 +43,7 @@ def make_batch(
         adv = torch.randn(B, 1, generator=g, dtype=torch.float64)
     else:
         adv = torch.randn(B, T, generator=g, dtype=torch.float64)
-    return Batch(
-        logp.to(dtype).requires_grad_(True), old.to(dtype), adv.to(dtype), mask
-    )
+    return Batch(logp.to(dtype).requires_grad_(True), old.to(dtype), adv.to(dtype), mask)
 
 
 @pytest.fixture

@@ -92,7 +92,7 @@ def test_stats_merge_equals_concatenation(parts: list[list[float]]) -> None:
     for p in parts[1:]:
         merged = merged.merge(ess_stats(_t(p)))
     whole = ess_stats(_t([x for p in parts for x in p]))
-    for a, b in zip(merged, whole):
+    for a, b in zip(merged, whole, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(merged.ess(), whole.ess())
 
@@ -102,7 +102,7 @@ def test_empty_is_one_and_merges_as_zero_mass() -> None:
     assert empty.ess().item() == 1.0
     assert empty.count.item() == 0
     full = ess_stats(torch.tensor([0.0, 1.0, 2.0]))
-    for a, b in zip(empty.merge(full), full):
+    for a, b in zip(empty.merge(full), full, strict=True):
         torch.testing.assert_close(a, b)
 
 
