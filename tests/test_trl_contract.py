@@ -1,0 +1,161 @@
+"""Contract with the installed TRL: the hooks ESSGRPOTrainer overrides or calls, their signatures,
+and the inputs keys it reads. A TRL upgrade that changes any of them fails here, loudly."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+
+trl = pytest.importorskip("trl")
+
+from ess_po.integrations.trl import MODEL_INPUT_KEYS, ESSGRPOTrainer  # noqa: E402
+from packaging.version import Version  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+
+def _params(fn) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def test_trl_version_in_supported_range():
+    assert Version("1.16") <= Version(trl.__version__) < Version("1.17")
+
+
+def test_overridden_hook_signature():
+    assert _params(GRPOTrainer._compute_loss) == ["self", "model", "inputs"]
+    assert _params(ESSGRPOTrainer._compute_loss) == ["self", "model", "inputs"]
+    # the only method of GRPOTrainer we override is the loss hook
+    overridden = {
+        name
+        for name, value in vars(ESSGRPOTrainer).items()
+        if callable(value) and hasattr(GRPOTrainer, name) and not name.startswith("__")
+    }
+    assert overridden == {"_compute_loss"}
+
+
+def test_compute_loss_routes_to_the_hook():
+    """compute_loss must call self._compute_loss (and not a Liger/fused loss that bypasses it)."""
+    source = inspect.getsource(GRPOTrainer.compute_loss)
+    assert "self._compute_loss(model, inputs)" in source
+    assert "liger" not in source.lower()
+
+
+def test_loss_is_scaled_for_gradient_accumulation():
+    # our normalisers fold gradient accumulation in, exactly like TRL's
+    assert GRPOTrainer.loss_is_scaled_for_ga is True
+
+
+def test_logprob_helper_signature():
+    params = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
+    for name in (
+        "model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
+        "compute_entropy",
+        "compute_aux_loss",
+    ):
+        assert name in params, name
+    missing = [key for key in MODEL_INPUT_KEYS if key not in params]
+    assert not missing, f"TRL no longer accepts {missing}"
+    # and TRL's own _compute_loss forwards exactly these inputs keys (plus the text ones)
+    source = inspect.getsource(GRPOTrainer._compute_loss)
+    forwarded = {key for key in MODEL_INPUT_KEYS if f'inputs.get("{key}")' in source}
+    assert forwarded == set(MODEL_INPUT_KEYS)
+
+
+def test_mask_helpers_signatures():
+    assert _params(GRPOTrainer.get_high_entropy_mask) == ["self", "entropies", "mask", "threshold"]
+    assert isinstance(inspect.getattr_static(GRPOTrainer, "get_off_policy_mask"), staticmethod)
+    assert _params(GRPOTrainer.get_off_policy_mask) == [
+        "advantages",
+        "per_token_logps",
+        "sampling_per_token_logps",
+        "mask",
+        "off_policy_threshold",
+    ]
+    from trl.trainer.utils import nanmax, nanmin
+
+    assert callable(nanmin) and callable(nanmax)
+
+
+INPUT_KEYS_READ = (
+    "prompt_ids",
+    "prompt_mask",
+    "completion_ids",
+    "completion_mask",
+    "advantages",
+    "num_items_in_batch",
+    "old_per_token_logps",
+    "ref_per_token_logps",
+    "sampling_per_token_logps",
+    "importance_sampling_ratio",
+    "tool_mask",
+)
+
+
+def test_inputs_keys_are_produced_by_trl():
+    """Every key we read is one TRL's generation step writes (vLLM-only keys included)."""
+    source = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    for key in INPUT_KEYS_READ:
+        assert f'"{key}"' in source, key
+
+
+def test_inputs_keys_at_runtime(tmp_path):
+    from trl_helpers import first_inputs, make_trainer, save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    trainer = make_trainer(tmp_path, model=str(model_dir), beta=0.1, num_iterations=2)
+    inputs = first_inputs(trainer)
+    for key in INPUT_KEYS_READ[:8]:
+        assert key in inputs, key
+    assert inputs["advantages"].dim() == 1
+    assert inputs["old_per_token_logps"].shape == inputs["completion_ids"].shape
+    assert inputs["num_items_in_batch"].dim() == 0
+
+
+def test_trainer_attributes_we_read(tmp_path):
+    from trl_helpers import make_trainer
+
+    trainer = make_trainer(tmp_path)
+    for name in (
+        "loss_type",
+        "beta",
+        "temperature",
+        "top_entropy_quantile",
+        "off_policy_mask_threshold",
+        "entropy_coef",
+        "aux_loss_enabled",
+        "router_aux_loss_coef",
+        "max_completion_length",
+        "use_vllm",
+        "vllm_importance_sampling_correction",
+        "_metrics",
+    ):
+        assert hasattr(trainer, name), name
+
+
+def test_grpo_config_fields_we_read():
+    fields = {f.name: f for f in dataclasses.fields(GRPOConfig)}
+    defaults = {
+        "loss_type": "dapo",  # our default normalisation relies on this being TRL's default
+        "epsilon": 0.2,  # we warn only when it differs from the default
+        "epsilon_high": None,
+        "delta": None,
+        "importance_sampling_level": "token",
+        "use_adaptive_entropy": False,
+        "use_liger_kernel": False,
+        "use_bias_correction_kl": True,
+        "top_entropy_quantile": 1.0,
+        "off_policy_mask_threshold": None,
+        "entropy_coef": 0.0,
+        "mask_truncated_completions": False,
+        "vllm_importance_sampling_correction": True,
+    }
+    for name, default in defaults.items():
+        assert name in fields, name
+        assert fields[name].default == default, name
+    for name in ("steps_per_generation", "num_iterations", "beta"):
+        assert name in fields, name
