@@ -34,28 +34,11 @@ import torch
 
 from ess_po import ess_policy_loss
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import cispo, clipped, reinforce
+
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 FULL_SIZES = [(8, 1024), (64, 1024), (64, 4096), (256, 4096), (256, 8192)]
-
-
-def reinforce(lp, old, adv, mask):
-    m = mask.to(lp.dtype)
-    return -(adv.unsqueeze(-1) * lp * m).sum() / m.sum().clamp(min=1)
-
-
-def clipped(lp, old, adv, mask, eps=0.2):
-    coef_1 = torch.exp(lp - old)
-    coef_2 = torch.clamp(coef_1, 1 - eps, 1 + eps)
-    a = adv.unsqueeze(-1)
-    per_token = -torch.min(coef_1 * a, coef_2 * a)
-    m = mask.to(lp.dtype)
-    return (per_token * m).sum() / m.sum().clamp(min=1)
-
-
-def cispo(lp, old, adv, mask, eps_high=5.0):
-    coef = torch.clamp(torch.exp(lp - old), max=1 + eps_high).detach()
-    m = mask.to(lp.dtype)
-    return -(coef * adv.unsqueeze(-1) * lp * m).sum() / m.sum().clamp(min=1)
 
 
 def ess(lp, old, adv, mask):

@@ -94,16 +94,31 @@ def ess_loss_forward(
     # CPU, so the passes below run in place in three of them: d, buf and q (which becomes the
     # gradient).
 
-    # d = logp_new - logp_old at valid tokens, 0 at masked ones. nan_to_num turns masked
-    # garbage (NaN, +-inf) into finite numbers that the 0 of the mask then erases.
-    d = torch.sub(lp, lo).nan_to_num_().mul_(maskf)
-    count_rows = maskf.sum(dim=-1)
-
-    # ESS statistics with a max shift (exponents <= 0): stable for any log-ratio magnitude.
-    buf = torch.sub(maskf, 1.0).mul_(_PAD).add_(d)  # masked tokens at -1e30 for the max
+    # Sums run per sequence only where the objective needs it (sequence-scope ESS, seq-mean
+    # aggregation); otherwise over everything, which a compiler fuses into fewer passes.
+    rowwise = options.per_sequence or options.agg_mode.startswith("seq-mean")
+    red_dim = -1 if rowwise else None
+    count_rows = maskf.sum(dim=red_dim)
     dim = -1 if options.per_sequence else None
     count = count_rows if options.per_sequence else count_rows.sum()
-    local = stats_from_masked_log_ratio(buf, count, dim, overwrite=True, valid=maskf)
+
+    # d = logp_new - logp_old at valid tokens and 0 at masked ones; the ESS statistics use the
+    # log ratios with masked tokens pushed to -inf (or -1e30), shifted by their maximum so
+    # every exponent is <= 0: stable for any log-ratio magnitude.
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        # Compiled: selects fuse into the generated loops at no cost.
+        valid = mask if mask.dtype == torch.bool else mask != 0
+        d = torch.where(valid, lp - lo, 0.0)
+        local = stats_from_masked_log_ratio(torch.where(valid, d, float("-inf")), count, dim)
+        buf = torch.empty_like(d)
+    else:
+        # Eager: boolean selects cost several arithmetic passes on CPU, so masking is
+        # arithmetic. nan_to_num turns masked garbage (NaN, +-inf) into finite numbers that
+        # the 0 of the mask then erases; masked tokens get -1e30 for the maximum.
+        d = torch.sub(lp, lo).nan_to_num_().mul_(maskf)
+        buf = torch.sub(maskf, 1.0).mul_(_PAD).add_(d)
+        local = stats_from_masked_log_ratio(buf, count, dim, overwrite=True, valid=maskf)
     if options.per_sequence:
         stats = local
         log_ess_rows = stats.log_ess()
@@ -118,10 +133,10 @@ def ess_loss_forward(
     # Regulariser k3(d) = d + exp(-d) - 1 via expm1 (accurate near d = 0). Below d = -L the
     # exponential continues along its tangent: k3 gains e^L * (max(d, -L) - d).
     em = torch.clamp(d, min=-LINEAR_TAIL, out=buf)
-    tail_excess = em.sum(dim=-1) - d.sum(dim=-1)  # exactly 0 unless some d < -L
+    tail_excess = em.sum(dim=red_dim) - d.sum(dim=red_dim)  # exactly 0 unless some d < -L
     em.neg_().expm1_()  # exp(-d) - 1 = -(d k3 / d d); 0 at masked tokens (d = 0)
     q = torch.add(em, d)
-    k3_rows = q.sum(dim=-1) + _EXP_TAIL * tail_excess
+    k3_rows = q.sum(dim=red_dim) + _EXP_TAIL * tail_excess
 
     # Ratio w = 1 / (1 + em) = exp(d), reusing the regulariser's exponential. It is exact
     # where it matters: an uncapped token has w < ESS <= 1, i.e. d < 0, where 1 + em >= 1 is
@@ -130,7 +145,8 @@ def ess_loss_forward(
     w = torch.add(em, 1.0, out=q).reciprocal_()
     # Tokens with w > ESS (d is free scratch now); masked tokens have w = 1, counted back out.
     above = torch.sub(w, ess_tok, out=d).relu_().sign_().sum()
-    capped = above - ((maskf.shape[-1] - count_rows) * (log_ess_rows < 0).to(cdtype)).sum()
+    masked_rows = (maskf.shape[-1] if rowwise else maskf.numel()) - count_rows
+    capped = above - (masked_rows * (log_ess_rows < 0).to(cdtype)).sum()
     q = w.clamp_(max=ess_tok)  # rho = min(w, ESS)
 
     q.mul_(adv)
@@ -139,8 +155,12 @@ def ess_loss_forward(
     if adv.shape[-1] != 1 or rollout_weights is not None:
         q.nan_to_num_()  # per-token advantages or weights may hold garbage at masked positions
     q.mul_(maskf)  # q = rho * A * c, 0 at masked tokens
-    # nansum drops the 0 * (-inf) of padded log-probs.
-    pg_rows = torch.nansum(torch.mul(q, lp, out=d), dim=-1)
+    # Padded log-probs may be -inf: drop the 0 * (-inf) at masked tokens (a select fuses
+    # when compiled; nansum is the cheaper eager pass).
+    if compiling:
+        pg_rows = torch.where(valid, q * lp, 0.0).sum(dim=red_dim)
+    else:
+        pg_rows = torch.nansum(torch.mul(q, lp, out=d), dim=red_dim)
 
     weights = _row_weights(count_rows, options, normalizer)
     policy_loss = -(weights * pg_rows).sum()
