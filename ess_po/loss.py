@@ -157,7 +157,9 @@ def ess_policy_loss(
         >>> out = ess_policy_loss(logp_new, logp_old, torch.tensor([1.0]), torch.ones(1, 3))
         >>> out.loss.backward()
         >>> round(out.ess.item(), 4), round(out.capped_frac.item(), 4)
-        (0.9688, 0.3333)
+        (0.9322, 0.6667)
+        >>> logp_new.grad
+        tensor([[-0.3066, -0.2168, -0.3107]])
     """
     check_choice("loss_agg_mode", loss_agg_mode, AGG_MODES)
     check_choice("ess_scope", ess_scope, ESS_SCOPES)
