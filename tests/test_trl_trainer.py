@@ -366,9 +366,9 @@ def test_checkpoint_mid_run_resumes(tmp_path):
     assert [h["step"] for h in after_resume] == [3, 4]
     assert after_resume[0]["ess/mean"] == pytest.approx(1.0, abs=1e-5)  # fresh generation batch
     assert after_resume[1]["ess/mean"] < 1 - 1e-4
-    # the resumed run starts from the checkpoint's weights, not from the initial ones
     saved = json.loads((checkpoint / "trainer_state.json").read_text())
     assert saved["global_step"] == 2
+    assert all(math.isfinite(h["loss"]) for h in after_resume)
 
 
 @pytest.mark.slow
@@ -396,6 +396,30 @@ def test_two_processes_share_one_ess(tmp_path):
     assert ranks[0]["kl_behavior"] != ranks[1]["kl_behavior"]  # different local data
     assert ranks[0]["logged_ess"] and all(math.isfinite(v) for v in ranks[0]["logged_ess"])
     assert ranks[0]["params_changed"] and ranks[1]["params_changed"]
+
+
+@pytest.mark.slow
+def test_demo_script_writes_metrics_and_plot(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    import train_tiny_grpo
+
+    summary = train_tiny_grpo.main(
+        [
+            "--output-dir",
+            str(tmp_path),
+            "--steps",
+            "4",
+            "--warm-start-steps",
+            "2",
+            "--batch-size",
+            "16",
+        ]
+    )
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all("ess/mean" in r for r in rows)
+    assert (tmp_path / "reward_ess.png").stat().st_size > 10_000
+    assert summary["ess_max"] == pytest.approx(1.0, abs=1e-5) and summary["ess_min"] < 1.0
 
 
 def test_config_roundtrip_keeps_user_config(tmp_path):
