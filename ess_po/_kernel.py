@@ -94,11 +94,11 @@ def ess_loss_forward(
     # CPU, so the passes below run in place in three of them: d, buf and q (which becomes the
     # gradient).
 
-    # Sums run per sequence only where the objective needs it (sequence-scope ESS, seq-mean
-    # aggregation); otherwise over everything, which a compiler fuses into fewer passes.
+    # Token counts per sequence only where the objective needs them (sequence-scope ESS,
+    # seq-mean aggregation): a total fuses with the first pass when compiled. The sums of the
+    # final pass are always per sequence, which fuses with its row-broadcast advantages.
     rowwise = options.per_sequence or options.agg_mode.startswith("seq-mean")
-    red_dim = -1 if rowwise else None
-    count_rows = maskf.sum(dim=red_dim)
+    count_rows = maskf.sum(dim=-1 if rowwise else None)
     dim = -1 if options.per_sequence else None
     count = count_rows if options.per_sequence else count_rows.sum()
 
@@ -133,10 +133,10 @@ def ess_loss_forward(
     # Regulariser k3(d) = d + exp(-d) - 1 via expm1 (accurate near d = 0). Below d = -L the
     # exponential continues along its tangent: k3 gains e^L * (max(d, -L) - d).
     em = torch.clamp(d, min=-LINEAR_TAIL, out=buf)
-    tail_excess = em.sum(dim=red_dim) - d.sum(dim=red_dim)  # exactly 0 unless some d < -L
+    tail_excess = em.sum(dim=-1) - d.sum(dim=-1)  # exactly 0 unless some d < -L
     em.neg_().expm1_()  # exp(-d) - 1 = -(d k3 / d d); 0 at masked tokens (d = 0)
     q = torch.add(em, d)
-    k3_rows = q.sum(dim=red_dim) + _EXP_TAIL * tail_excess
+    k3_rows = q.sum(dim=-1) + _EXP_TAIL * tail_excess
 
     # Ratio w = 1 / (1 + em) = exp(d), reusing the regulariser's exponential. It is exact
     # where it matters: an uncapped token has w < ESS <= 1, i.e. d < 0, where 1 + em >= 1 is
@@ -158,9 +158,9 @@ def ess_loss_forward(
     # Padded log-probs may be -inf: drop the 0 * (-inf) at masked tokens (a select fuses
     # when compiled; nansum is the cheaper eager pass).
     if compiling:
-        pg_rows = torch.where(valid, q * lp, 0.0).sum(dim=red_dim)
+        pg_rows = torch.where(valid, q * lp, 0.0).sum(dim=-1)
     else:
-        pg_rows = torch.nansum(torch.mul(q, lp, out=d), dim=red_dim)
+        pg_rows = torch.nansum(torch.mul(q, lp, out=d), dim=-1)
 
     weights = _row_weights(count_rows, options, normalizer)
     policy_loss = -(weights * pg_rows).sum()
