@@ -78,9 +78,10 @@ def _validate_args(args: GRPOConfig | None) -> None:
         return
     if getattr(args, "use_liger_kernel", False):
         raise ValueError(
-            "ESSGRPOTrainer does not support `use_liger_kernel=True`: Liger's fused GRPO loss computes the "
-            "clipped objective itself and would bypass the ESS objective. Set `use_liger_kernel=False` "
-            '(fused kernels for the model layers remain available via `model_init_kwargs={"use_kernels": True}`).'
+            "ESSGRPOTrainer does not support `use_liger_kernel=True`: a Liger GRPO loss computes the "
+            "clipped objective in its own fused kernel and would bypass the ESS objective (TRL 1.16 "
+            "already limits the flag to layer kernels and deprecates it). Set `use_liger_kernel=False`; "
+            'fused layer kernels remain available via `model_init_kwargs={"use_kernels": True}`.'
         )
     if args.loss_type in _OTHER_OBJECTIVES:
         raise ValueError(
