@@ -129,8 +129,10 @@ def ess_policy_loss(
         normalizer: the denominator of the mean for the whole optimizer batch: its number of
             valid tokens (token-mean) or of sequences (seq-mean-*), summed over
             gradient-accumulation micro-batches and data-parallel ranks. With it, the losses of
-            the pieces add up to the loss of the whole batch. ``None``: this call's own count
-            (valid tokens; non-empty sequences). Not used with token-sum.
+            the pieces add up to the loss of the whole batch. Under DDP/FSDP, which *average*
+            gradients over ranks, pass the global count divided by the world size (or multiply
+            the loss by it, as verl does). ``None``: this call's own count (valid tokens;
+            non-empty sequences). Not used with token-sum.
         ess_scope: ``"batch"`` (one ESS over all valid tokens, and all ranks) or ``"sequence"``
             (each sequence its own ESS, cap and regulariser weight).
         rollout_weights: optional ``(B, T)`` weights :math:`c_t` multiplying the policy term
