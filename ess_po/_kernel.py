@@ -186,7 +186,7 @@ def ess_loss_forward(
         log_sum_w = torch.logsumexp(local.log_sum_w, dim=0)
         ratio_max = torch.exp(torch.where(nonempty, local.shift, float("-inf")).amax())
     else:
-        ess = ess_min = stats.ess()
+        ess = ess_min = ess_tok.reshape(())
         log_sum_w = local.log_sum_w
         ratio_max = torch.exp(local.shift)
     ratio_mean = torch.where(has_tokens, torch.exp(log_sum_w - torch.log(n_safe)), 1.0)
