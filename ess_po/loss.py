@@ -21,7 +21,19 @@ from ess_po._validation import (
 )
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"]
+"""How :func:`ess_policy_loss` aggregates the ``(B, T)`` per-token losses into a scalar.
+
+``"token-mean"``: sum over valid tokens / number of valid tokens (or ``normalizer``);
+``"seq-mean-token-mean"``: mean over sequences of each sequence's token mean;
+``"seq-mean-token-sum"``: mean over sequences of each sequence's token sum;
+``"token-sum"``: plain sum. Fully masked sequences are not counted by the seq-mean modes.
+"""
 ESSScope = Literal["batch", "sequence"]
+"""Over which tokens the ESS (and with it the cap and the regulariser weight) is computed.
+
+``"batch"``: one ESS over all valid tokens of the ``(B, T)`` call, all-reduced over
+data-parallel ranks (the paper). ``"sequence"``: one ESS per row, shape ``(B,)``.
+"""
 
 
 class ESSLossOutput(NamedTuple):

@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 DEFAULT_ALPHABET = "abcde"
+"""Characters of the synthetic prompts and answers (the tokenizer adds ``=``, space and specials)."""
 PAD, EOS, BOS = "<pad>", "<eos>", "<bos>"
 SEPARATOR = "="
 
@@ -95,6 +96,7 @@ def build_tiny_model(
 
 
 TASKS = ("successor", "copy")
+"""Names accepted by :func:`build_task_dataset`'s ``task``."""
 
 
 def _target(task: str, s: str, alphabet: str, answer_len: int) -> str:

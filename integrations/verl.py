@@ -60,7 +60,9 @@ __all__ = [
 ]
 
 LOSS_NAME: Final = "ess"
+"""``policy_loss.loss_mode`` of :func:`compute_policy_loss_ess` (one ESS per batch)."""
 SEQUENCE_LOSS_NAME: Final = "ess_seq"
+"""``policy_loss.loss_mode`` of :func:`compute_policy_loss_ess_seq` (one ESS per sequence)."""
 
 #: verl ``loss_agg_mode`` -> core ``loss_agg_mode``.
 _CORE_MODE: Final[dict[str, str]] = {
@@ -71,6 +73,7 @@ _CORE_MODE: Final[dict[str, str]] = {
     "seq-mean-token-mean": "seq-mean-token-mean",
 }
 VERL_LOSS_AGG_MODES: Final = tuple(_CORE_MODE)
+"""The verl ``actor.loss_agg_mode`` values the shim supports (all of verl 0.9's)."""
 
 _GLOBAL_BATCH_KEYS: Final = (
     "dp_size",
