@@ -1,0 +1,97 @@
+"""Griffe extension for the API reference (loaded by mkdocstrings, see mkdocs.yml).
+
+* Mounts the ``integrations/`` source folder as ``ess_po.integrations``, as the installed
+  package does (``pyproject.toml`` maps it with ``package-dir``), so the reference is built by
+  static analysis: the docs build imports neither TRL nor verl.
+* Reads Sphinx-style ``#:`` comments above module constants as their docstrings.
+* Turns the reStructuredText roles used in the docstrings into Markdown: ``.. math::`` blocks
+  and ``:math:`` roles into MathJax (``pymdownx.arithmatex``), ``:func:``/``:class:``/
+  ``:meth:``/``:data:`` roles into cross-references (``mkdocs-autorefs``).
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import griffe
+
+ROOT = Path(__file__).resolve().parents[2]
+_ROLE = re.compile(r":(func|class|meth|data|attr|mod|obj):`~?([^`]+)`")
+_MATH_ROLE = re.compile(r":math:`([^`]+)`")
+_MATH_BLOCK = re.compile(r"^( *)\.\. math::\n\n((?:\1 {2,}.*\n|\n)+)", re.MULTILINE)
+
+
+def _math_block(match: re.Match[str]) -> str:
+    indent = match.group(1)
+    body = textwrap.dedent(match.group(2)).strip("\n")
+    if "&" in body or "\\\\" in body:
+        body = "\\begin{aligned}\n" + body + "\n\\end{aligned}"
+    lines = ["$$", *body.splitlines(), "$$"]
+    return "\n".join(indent + line if line else line for line in lines) + "\n\n"
+
+
+def _resolve(target: str, obj: griffe.Object) -> str:
+    """Path of a role target, relative names resolved from the object's module."""
+    if target.startswith("ess_po."):
+        parts = target.split(".")
+        # ess_po.ess.ESSStats -> ess_po.ESSStats: the reference documents the re-exports.
+        if len(parts) > 2 and parts[1] in ("ess", "loss"):
+            return "ess_po." + ".".join(parts[2:])
+        return target
+    module = obj.module.path
+    if module.split(".")[0] == "integrations":  # visited before it is mounted under ess_po
+        module = "ess_po." + module
+    if module in ("ess_po.ess", "ess_po.loss"):
+        module = "ess_po"
+    return f"{module}.{target}"
+
+
+def rst_to_markdown(text: str, obj: griffe.Object) -> str:
+    """Convert the reStructuredText constructs used in ess-po docstrings to Markdown."""
+    text = _MATH_BLOCK.sub(_math_block, text if text.endswith("\n") else text + "\n")
+    text = _MATH_ROLE.sub(lambda m: f"${m.group(1)}$", text)
+    text = _ROLE.sub(
+        lambda m: f"[`{m.group(2).split('.')[-1]}`][{_resolve(m.group(2), obj)}]", text
+    )
+    return text.rstrip("\n")
+
+
+def _doc_comment(attr: griffe.Object) -> str | None:
+    """The ``#:`` comment lines right above an attribute, if any."""
+    if attr.lineno is None or not attr.filepath or isinstance(attr.filepath, list):
+        return None
+    lines = Path(attr.filepath).read_text().splitlines()
+    found: list[str] = []
+    i = attr.lineno - 2
+    while i >= 0 and lines[i].lstrip().startswith("#:"):
+        found.insert(0, lines[i].lstrip()[2:].strip())
+        i -= 1
+    return " ".join(found) or None
+
+
+class ESSDocs(griffe.Extension):
+    """See the module docstring."""
+
+    def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
+        if pkg.name != "ess_po" or "integrations" in pkg.members:
+            return
+        sub = griffe.load(
+            "integrations",
+            search_paths=[str(ROOT)],
+            docstring_parser=loader.docstring_parser,
+            docstring_options=loader.docstring_options,
+            extensions=loader.extensions,
+            modules_collection=loader.modules_collection,
+        )
+        pkg.set_member("integrations", sub)
+
+    def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
+        if obj.is_attribute and obj.docstring is None:
+            comment = _doc_comment(obj)
+            if comment:
+                obj.docstring = griffe.Docstring(comment, parent=obj)
+        if obj.docstring is not None:
+            obj.docstring.value = rst_to_markdown(obj.docstring.value, obj)
