@@ -104,7 +104,8 @@ def fig_staleness(path: Path) -> None:
         d["true_rkl"] = float((ln.exp() * (ln - lo)).sum(-1).mean())  # KL(pi_new || pi_old)
         rows.append(d)
     x = sigmas.numpy()
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    axes = axes.ravel()
     axes[0].plot(x, [r["ess"] for r in rows], color=COLORS["ess"], lw=2)
     axes[0].set(title="ESS", ylim=(0, 1.05))
     axes[1].plot(x, [r["capped_frac"] for r in rows], color=COLORS["capped"], lw=2)
@@ -153,7 +154,8 @@ def _train_on_one_batch(lr: float, epochs: int, seed: int = 0) -> list[dict[str,
 def fig_reuse(path: Path) -> None:
     epochs = 30
     runs = {lr: _train_on_one_batch(lr, epochs) for lr in (0.03, 0.3)}
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    axes = axes.ravel()
     keys = [("ess", "ESS"), ("capped_frac", "capped fraction"), ("kl_behavior", "behaviour KL")]
     for (lr, rows), ls in zip(runs.items(), ("-", "--"), strict=True):
         x = range(1, epochs + 1)
@@ -223,7 +225,9 @@ def fig_demo(metrics: Path, path: Path) -> None:
     rows = [r for r in rows if "ess/mean" in r]
     step = [r["step"] for r in rows]
     on = [r["ess/mean"] >= 1.0 - 1e-6 for r in rows]
-    fig, axes = plt.subplots(1, 5, figsize=(18, 3.4))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    axes = axes.ravel()
+    axes[5].axis("off")
     reward = [(r["step"], r["reward"]) for r in rows if "reward" in r]
     axes[0].plot([s for s, _ in reward], [v for _, v in reward], color=COLORS["reward"])
     axes[0].set_title("reward (generation steps)")
@@ -233,7 +237,7 @@ def fig_demo(metrics: Path, path: Path) -> None:
         ("ess/kl_behavior", "behaviour KL", COLORS["kl"], False),
         ("ess/ratio_max", "ratio max", COLORS["ratio"], True),
     ]
-    for ax, (key, title, color, log) in zip(axes[1:], series, strict=True):
+    for ax, (key, title, color, log) in zip(axes[1:5], series, strict=True):
         off_x = [s for s, o in zip(step, on, strict=True) if not o]
         off_y = [r[key] for r, o in zip(rows, on, strict=True) if not o]
         on_x = [s for s, o in zip(step, on, strict=True) if o]
@@ -246,7 +250,7 @@ def fig_demo(metrics: Path, path: Path) -> None:
     axes[1].set_ylim(0, 1.05)
     axes[2].set_ylim(0, 1.05)
     axes[1].legend(fontsize=8, loc="lower left")
-    for ax in axes:
+    for ax in axes[:5]:
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     fig.suptitle(
