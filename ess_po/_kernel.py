@@ -131,9 +131,10 @@ def ess_loss_forward(
     one_minus_ess_rows = -torch.expm1(log_ess_rows)
 
     # Regulariser k3(d) = d + exp(-d) - 1 via expm1 (accurate near d = 0). Below d = -L the
-    # exponential continues along its tangent: k3 gains e^L * (max(d, -L) - d).
+    # exponential continues along its tangent: k3 gains e^L * (-L - d).
+    # max(-L - d, 0) is exactly 0 unless d < -L, whatever the summation order.
+    tail_excess = torch.neg(d, out=buf).sub_(LINEAR_TAIL).clamp_(min=0.0).sum(dim=-1)
     em = torch.clamp(d, min=-LINEAR_TAIL, out=buf)
-    tail_excess = em.sum(dim=-1) - d.sum(dim=-1)  # exactly 0 unless some d < -L
     em.neg_().expm1_()  # exp(-d) - 1 = -(d k3 / d d); 0 at masked tokens (d = 0)
     q = torch.add(em, d)
     k3_rows = q.sum(dim=-1) + _EXP_TAIL * tail_excess
