@@ -214,6 +214,47 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(report: dict, path: Path) -> None:
+    """Forward+backward time relative to the clipped surrogate, per size, eager and compiled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    modes = sorted({r["mode"] for r in results}, key=["eager", "compiled"].index)
+    dtypes = sorted({r["dtype"] for r in results})
+    fig, axes = plt.subplots(
+        len(dtypes), len(modes), figsize=(5.5 * len(modes), 3.6 * len(dtypes)), squeeze=False
+    )
+    for i, dtype in enumerate(dtypes):
+        for j, mode in enumerate(modes):
+            ax = axes[i][j]
+            rows = [r for r in results if r["dtype"] == dtype and r["mode"] == mode]
+            labels = [f"{r['B']}x{r['T']}" for r in rows]
+            width = 0.8 / len(METHODS)
+            for k, name in enumerate(METHODS):
+                ratios = [
+                    r["methods"][name]["full"]["median_ms"]
+                    / r["methods"]["clipped"]["full"]["median_ms"]
+                    for r in rows
+                ]
+                xs = [x + (k - len(METHODS) / 2 + 0.5) * width for x in range(len(rows))]
+                ax.bar(xs, ratios, width, label=name)
+            ax.axhline(1.0, color="black", lw=0.8)
+            ax.set_xticks(range(len(rows)), labels)
+            ax.set_title(f"{mode}, {dtype}")
+            ax.set_ylabel("fwd+bwd time / clipped")
+    axes[0][0].legend(fontsize=8)
+    env = report["environment"]
+    fig.suptitle(
+        f"Cost of the loss (torch {env['torch']}, {env['device']}, {env['threads']} threads)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one size, float32 (CI smoke)")
@@ -235,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     stem = "loss_cost_quick" if args.quick else "loss_cost"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (args.out / f"{stem}.md").write_text(markdown(report))
-    print(f"wrote {args.out / stem}.json and .md")
+    plot(report, args.out / f"{stem}.png")
+    print(f"wrote {args.out / stem}.json, .md and .png")
 
 
 if __name__ == "__main__":
