@@ -19,6 +19,8 @@ import json
 import os
 import platform
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -109,11 +111,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     runs: dict[str, list[float]] = {"ess": [], "grpo": []}
     ratios: list[float] = []
+    scratch = tempfile.TemporaryDirectory(prefix="ess-po-overhead-")  # trainer output dirs
     for rep in range(args.repeats):
         order = ("ess", "grpo") if rep % 2 == 0 else ("grpo", "ess")
         medians = {}
         for name in order:
-            times = run_once(name, args, out / "runs")[args.warmup :]
+            times = run_once(name, args, Path(scratch.name))[args.warmup :]
             medians[name] = statistics.fmean(times)
             runs[name].append(medians[name])
         ratios.append(medians["ess"] / medians["grpo"])
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "cpu": platform.processor() or platform.machine(),
             "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": "python " + " ".join(sys.argv),
         },
     }
     (out / "trainer_overhead.json").write_text(json.dumps(result, indent=2))
@@ -163,7 +168,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Tiny Qwen2 (hidden {s['hidden_size']}), {s['batch_size']} completions/step, "
         f"num_iterations={s['num_iterations']}, {s['steps']} steps/run ({s['warmup']} warm-up dropped), "
         f"{s['repeats']} interleaved repeats. torch {e['torch']}, trl {e['trl']}, "
-        f"transformers {e['transformers']}, {e['device']} ({e['cpu']}), {e['torch_threads']} thread(s).",
+        f"transformers {e['transformers']}, {e['device']} ({e['cpu']}), {e['torch_threads']} thread(s); "
+        f"{e.get('date', '')}: `{e.get('command', '')}`.",
         "",
         "| trainer | step time (ms), median over repeats | min | max |",
         "|---|---|---|---|",
