@@ -12,6 +12,10 @@ the library.
   through the ratio).
 * ``tis``: truncated importance sampling of the behaviour/rollout mismatch, -sg(min(w_b, C)) A
   logp, where w_b = exp(logp_trainer_old - logp_behaviour) is the mismatch ratio.
+* ``tis_clipped``: TIS as rollout-correction frameworks apply it (Yao et al. 2025, "Your efficient
+  RL framework secretly brings you off-policy RL training"; verl's token-level truncated IS): the
+  clipped surrogate with ratio exp(logp - logp_trainer_old), each token weighted by the truncated
+  mismatch ratio sg(min(exp(logp_trainer_old - logp_behaviour), C)).
 """
 
 from __future__ import annotations
@@ -28,12 +32,16 @@ def reinforce(lp, old, adv, mask):
     return _mean(-adv.unsqueeze(-1) * lp, mask)
 
 
-def clipped(lp, old, adv, mask, eps_low: float = 0.2, eps_high: float | None = None):
-    eps_high = eps_low if eps_high is None else eps_high
+def _clipped_per_token(lp, old, adv, eps_low: float, eps_high: float) -> torch.Tensor:
     coef_1 = torch.exp(lp - old)
     coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
     a = adv.unsqueeze(-1)
-    return _mean(-torch.min(coef_1 * a, coef_2 * a), mask)
+    return -torch.min(coef_1 * a, coef_2 * a)
+
+
+def clipped(lp, old, adv, mask, eps_low: float = 0.2, eps_high: float | None = None):
+    eps_high = eps_low if eps_high is None else eps_high
+    return _mean(_clipped_per_token(lp, old, adv, eps_low, eps_high), mask)
 
 
 def cispo(lp, old, adv, mask, eps_high: float = 5.0):
@@ -48,3 +56,18 @@ def iw_reinforce(lp, old, adv, mask):
 def tis(lp, old, adv, mask, cap: float = 2.0):
     coef = torch.clamp(torch.exp(lp - old), max=cap).detach()
     return _mean(-coef * adv.unsqueeze(-1) * lp, mask)
+
+
+def tis_clipped(
+    lp,
+    trainer_old,
+    behaviour,
+    adv,
+    mask,
+    cap: float = 2.0,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+):
+    eps_high = eps_low if eps_high is None else eps_high
+    weight = torch.clamp(torch.exp(trainer_old - behaviour), max=cap).detach()
+    return _mean(weight * _clipped_per_token(lp, trainer_old, adv, eps_low, eps_high), mask)
