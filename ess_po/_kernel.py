@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from ess_po.ess import all_reduce_stats, stats_from_masked_log_ratio
+from ess_po.ess import all_reduce_stats, compute_dtype, stats_from_masked_log_ratio
 
 # Below d = -LINEAR_TAIL the regulariser's exp(-d) is continued by its tangent line, so value
 # and gradient stay finite (e^50 ~ 5e21, even summed over 1e9 tokens, fits float32) while the
@@ -85,7 +85,7 @@ def ess_loss_forward(
     float and garbage is removed arithmetically: on CPU, boolean selects cost several times an
     arithmetic pass.
     """
-    cdtype = torch.float64 if logp_new.dtype == torch.float64 else torch.float32
+    cdtype = compute_dtype(logp_new)
     lp = logp_new.detach().to(cdtype)
     lo = logp_old.detach().to(cdtype)
     adv = advantages.detach().to(cdtype)

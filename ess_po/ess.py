@@ -25,6 +25,11 @@ import torch.distributed as dist
 from ess_po._validation import _describe
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype statistics and losses are computed in: float64 for float64 input, else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 class ESSStats(NamedTuple):
     r"""Log-space sufficient statistics of importance ratios :math:`w_t = e^{\ell_t}`.
 
@@ -110,13 +115,8 @@ def stats_from_masked_log_ratio(
         s1, s2 = e.sum(dim=dim), torch.linalg.vecdot(e, e, dim=dim)
         shift = shift.squeeze(dim)
     count = count.to(e.dtype)
-    empty = count == 0
-    return ESSStats(
-        torch.where(empty, 0.0, shift),
-        torch.where(empty, float("-inf"), torch.log(s1)),
-        torch.where(empty, float("-inf"), torch.log(s2)),
-        count,
-    )
+    # Empty sets have e == 0 everywhere, so their log-sums are already -inf.
+    return ESSStats(torch.where(count == 0, 0.0, shift), torch.log(s1), torch.log(s2), count)
 
 
 def ess_stats(
@@ -147,9 +147,7 @@ def ess_stats(
         )
     if not log_ratio.is_floating_point():
         raise ValueError(f"log_ratio must be floating point, got {_describe(log_ratio)}.")
-    lw = log_ratio.detach()
-    if lw.dtype != torch.float64:
-        lw = lw.float()
+    lw = log_ratio.detach().to(compute_dtype(log_ratio))
     valid = torch.isfinite(lw) if mask is None else mask.bool()
     return stats_from_masked_log_ratio(
         torch.where(valid, lw, float("-inf")), valid.sum(dim=dim), dim

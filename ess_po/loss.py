@@ -19,6 +19,7 @@ from ess_po._validation import (
     check_loss_inputs,
     check_loss_values,
 )
+from ess_po.ess import compute_dtype
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"]
 """How :func:`ess_policy_loss` aggregates the ``(B, T)`` per-token losses into a scalar.
@@ -81,7 +82,7 @@ def _normalizer_tensor(
 ) -> torch.Tensor:
     if loss_agg_mode == "token-sum":
         raise ValueError("normalizer is not used with loss_agg_mode='token-sum'; drop it.")
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(like)
     if isinstance(normalizer, torch.Tensor):
         if normalizer.numel() != 1:
             raise ValueError(
