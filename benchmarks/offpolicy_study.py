@@ -73,7 +73,7 @@ import statistics
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -798,6 +798,22 @@ def _fmt(d: dict[str, Any] | None) -> str:
     return f"{d['final_mean']:.3f} ± {d['final_std']:.3f}"
 
 
+def _method_table(
+    title: str,
+    summary: dict[str, Any],
+    methods: list[str],
+    cell: Callable[[dict[str, Any]], str],
+) -> list[str]:
+    """A condition x method Markdown table; cells of methods a condition did not run read n/a."""
+    lines = ["", f"## {title}", "", "| condition | " + " | ".join(methods) + " |"]
+    lines.append("|---|" + "---|" * len(methods))
+    for cname, entry in summary.items():
+        per = entry["methods"]
+        cells = (cell(per[m]) if m in per else "n/a" for m in methods)
+        lines.append(f"| {cname} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     env, cfg, summary = result["environment"], result["config"], result["summary"]
     conds = result["conditions"]
@@ -880,51 +896,21 @@ def markdown(result: dict[str, Any]) -> str:
             )
             lines.append(f"\nESS vs {label}, over {len(verdicts)} conditions: {counts}.")
     methods = list(result["methods"])
-    lines += [
-        "",
-        "## Final reward per method (mean ± std over seeds)",
-        "",
-        "| condition | " + " | ".join(methods) + " |",
-        "|---|" + "---|" * len(methods),
-    ]
-    for cname, entry in summary.items():
-        per = entry["methods"]
-        lines.append(f"| {cname} | " + " | ".join(_fmt(per.get(m)) for m in methods) + " |")
-    lines += [
-        "",
-        "## Collapsed runs (of runs per cell)",
-        "",
-        "| condition | " + " | ".join(methods) + " |",
-        "|---|" + "---|" * len(methods),
-    ]
-    for cname, entry in summary.items():
-        per = entry["methods"]
-        lines.append(
-            f"| {cname} | "
-            + " | ".join(
-                f"{per[m]['collapsed']}/{per[m]['runs']}" if m in per else "n/a" for m in methods
-            )
-            + " |"
-        )
-    lines += [
-        "",
-        "## Batch ESS (ratios π_θ/μ before each update): mean of the last 10 steps / lowest seen",
-        "",
-        "| condition | " + " | ".join(methods) + " |",
-        "|---|" + "---|" * len(methods),
-    ]
-    for cname, entry in summary.items():
-        per = entry["methods"]
-        lines.append(
-            f"| {cname} | "
-            + " | ".join(
-                f"{per[m]['final_ess_mean']:.3f} / {per[m]['min_ess_mean']:.3f}"
-                if m in per
-                else "n/a"
-                for m in methods
-            )
-            + " |"
-        )
+    lines += _method_table(
+        "Final reward per method (mean ± std over seeds)", summary, methods, _fmt
+    )
+    lines += _method_table(
+        "Collapsed runs (of runs per cell)",
+        summary,
+        methods,
+        lambda d: f"{d['collapsed']}/{d['runs']}",
+    )
+    lines += _method_table(
+        "Batch ESS (ratios π_θ/μ before each update): mean of the last 10 steps / lowest seen",
+        summary,
+        methods,
+        lambda d: f"{d['final_ess_mean']:.3f} / {d['min_ess_mean']:.3f}",
+    )
     skipped = {
         (c, m): e["methods"][m]["skipped_updates"]
         for c, e in summary.items()
