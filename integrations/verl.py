@@ -40,13 +40,14 @@ ESS itself is a per-call statistic all-reduced over data-parallel ranks by the c
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from typing import Any, Final
 
 import torch
 
 from ess_po import ess_policy_loss
+
+from .parallel import ess_process_group
 
 __all__ = [
     "LOSS_NAME",
@@ -90,23 +91,17 @@ _process_group: Any = None
 def set_process_group(group: Any) -> None:
     """Set the ``torch.distributed`` group over which ESS is all-reduced (``None``: automatic).
 
-    Automatic means: Megatron's data-parallel group when ``megatron.core.parallel_state`` is
+    Automatic (:func:`ess_po.integrations.parallel.ess_process_group`) means: Megatron's
+    data-parallel group with context parallelism when ``megatron.core.parallel_state`` is
     initialised (only the last pipeline stage computes the loss, so the world group would hang),
-    otherwise the default (world) group. Ranks that hold identical copies of a micro-batch
-    (tensor / sequence parallel replicas) may join the reduction: ESS is a ratio of sums, so
-    replicating the same tokens does not change it.
+    otherwise the default (world) group. See docs/verl.md, "Parallel layouts".
     """
     global _process_group
     _process_group = group
 
 
 def _ess_process_group() -> Any:
-    if _process_group is not None:
-        return _process_group
-    mpu = sys.modules.get("megatron.core.parallel_state")
-    if mpu is not None and mpu.model_parallel_is_initialized():
-        return mpu.get_data_parallel_group()
-    return None
+    return ess_process_group(_process_group)
 
 
 def _global_batch_info(config: Any) -> Mapping[str, Any]:
