@@ -11,14 +11,27 @@ should stop with EOS. The reward is the fraction of positions the completion get
 verifiable signal in ``[0, 1]``), so a tiny model trained with RL shows a rising reward within a
 few dozen steps.
 
-Requires the ``trl`` extra (transformers, tokenizers, datasets).
+Requires the ``trl`` extra (transformers, tokenizers, datasets); importing this module without
+them raises an ``ImportError`` that says so. It ships inside the package (rather than under
+``tests/``) because the demo, the benchmarks and the TRL guide's runnable example use it from an
+installed ess-po too.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
+
+# Fail on import, naming the extra, rather than with a bare ModuleNotFoundError on first use.
+# find_spec looks the packages up without importing them (transformers takes seconds).
+_MISSING = [name for name in ("transformers", "tokenizers", "datasets") if find_spec(name) is None]
+if _MISSING:
+    raise ImportError(
+        f"ess_po.integrations.tiny needs {', '.join(_MISSING)}, which come with the `trl` extra: "
+        'pip install -e ".[trl]" in a checkout of ess-po (pip install "ess-po[trl]" once released).'
+    )
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset
