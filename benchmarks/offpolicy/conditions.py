@@ -1,0 +1,109 @@
+r"""Conditions of the off-policy study: how the trained batch departs from the trainer's policy.
+
+A condition combines four knobs, each a source of off-policyness a real RL system has:
+
+* the rollout engine's numerics (``sampler``): ``"fp32"`` (the trainer's own weights and
+  precision), ``"bf16"`` (weights and activations in bfloat16), ``"fp8-tensor"`` /
+  ``"fp8-channel"`` (every linear layer's weight fake-quantized to ``torch.float8_e4m3fn`` with
+  one absmax scale per tensor / per output channel, as FP8 inference engines store them, and
+  activations in bfloat16; the tied embedding / LM head stays bfloat16, as engines keep it);
+* the sampling temperature :math:`\tau` of the engine; the behaviour log-probabilities are those
+  of the distribution actually sampled, :math:`\log\operatorname{softmax}(z/\tau)`, unless
+  ``report_untempered`` (an engine that reports :math:`\log\operatorname{softmax}(z)` while
+  sampling at :math:`\tau`: the ratios then look on-policy although the samples are not);
+* staleness ``k`` (asynchronous rollouts: train on the batch sampled ``k`` updates ago);
+* ``epochs``: optimizer updates per batch (``num_iterations``).
+
+The trainer is always float32 at temperature 1, and every method gets the engine's numbers as
+:math:`\log\mu` (= old log-probs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SAMPLERS = ("fp32", "bf16", "fp8-tensor", "fp8-channel")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One off-policy regime. See the module docstring for the knobs."""
+
+    name: str
+    staleness: int = 0
+    epochs: int = 1
+    sampler: str = "fp32"
+    temperature: float = 1.0
+    report_untempered: bool = False
+    sweep: str = ""  # name of the harshness sweep this condition belongs to ("" = none)
+    level: float = 0.0  # the sweep's knob value, for plotting
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+
+    @property
+    def mismatched(self) -> bool:
+        """Whether the rollout engine differs from the trainer."""
+        return self.sampler != "fp32" or self.temperature != 1.0
+
+    @property
+    def rollout_correction_applies(self) -> bool:
+        """TIS/MIS differ from their clipped surrogate only where trainer-old != behaviour."""
+        return self.staleness > 0 or self.mismatched
+
+    @property
+    def cost(self) -> float:
+        """Relative run cost, for scheduling the costliest runs first."""
+        return self.epochs + 0.3 * self.mismatched
+
+
+def _tempered(t: float) -> Condition:
+    return Condition(f"temp-{t}", temperature=t, sweep="temperature", level=t)
+
+
+CONDITIONS: dict[str, Condition] = {
+    c.name: c
+    for c in (
+        Condition("on-policy", sweep="temperature", level=1.0),
+        _tempered(1.5),
+        _tempered(2.0),
+        Condition("temp-1.5-untempered-logp", temperature=1.5, report_untempered=True),
+        Condition("fp8", sampler="fp8-tensor"),
+        Condition("stale-32-ep2", staleness=32, epochs=2),
+    )
+}
+"""The study's conditions. ``on-policy``, ``temp-1.5``, ``temp-2.0`` form the harshness sweep
+(the knob: the rollout engine's sampling temperature, log-probs of the distribution sampled)."""
+
+SUBSETS: dict[str, tuple[str, ...]] = {
+    # On-policy every loss has the same gradient: two methods show the reference curve.
+    "on-policy": ("ess", "clip-0.2"),
+    "temp-1.5": (
+        "ess",
+        "clip-0.1",
+        "clip-0.2",
+        "clip-0.4",
+        "clip-0.6",
+        "clip-higher",
+        "cispo",
+        "tis",
+        "mis",
+    ),
+    # Ratios are ~1 (trainer and engine agree at T = 1): TIS/MIS equal clip-0.2 here.
+    "temp-1.5-untempered-logp": ("ess", "clip-0.2", "clip-higher", "cispo"),
+    "fp8": ("ess", "clip-0.2", "clip-higher", "cispo", "tis", "mis"),
+}
+"""Methods run per condition (absent: all). The ESS tail variants run where the log-ratios are
+largest (``temp-2.0``, ``stale-32-ep2``); elsewhere no token comes near |d| = 10."""
+
+QUICK_CONDITIONS: dict[str, Condition] = {
+    "fp8": CONDITIONS["fp8"],
+    "temp-2.0": CONDITIONS["temp-2.0"],
+    "stale-4-ep2": Condition("stale-4-ep2", staleness=4, epochs=2),
+}
+
+PHASE2_CONDITIONS: dict[str, Condition] = {
+    "stale-32-ep2": CONDITIONS["stale-32-ep2"],
+}
+"""Where the micro-batch / ESS-scope comparison runs (issue 15's evidence)."""
