@@ -1,11 +1,15 @@
 """Argument checks for the public functions.
 
-Shape, dtype and device checks read only tensor metadata, so they are free and always on.
-Value checks (NaN/inf, non-binary masks) need the device to report back; they run only when
-the caller opts in with ``check_values=True``.
+Type, shape, dtype and device checks read only metadata, so they are free and always on. Value
+checks (NaN/inf, non-binary masks, statistics with no tokens) need the device to report back;
+they run only when the caller opts in with ``check_values=True``.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
 
 import torch
 
@@ -15,6 +19,30 @@ ESS_SCOPES = ("batch", "sequence")
 
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(name: str, value: Any, *, optional: bool = False) -> None:
+    if not isinstance(value, torch.Tensor):
+        what = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(
+            f"{name} must be {what}, got {type(value).__name__}; convert it with "
+            f"torch.as_tensor({name})."
+        )
+
+
+def check_dim(dim: int | None, t: torch.Tensor) -> int | None:
+    """``dim`` as a non-negative index into ``t``'s dimensions (``None`` stays ``None``)."""
+    if dim is None:
+        return None
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int or None, got {type(dim).__name__}.")
+    if not -t.dim() <= dim < t.dim():
+        raise ValueError(
+            f"dim={dim} is out of range for log_ratio with {t.dim()} dimension(s) "
+            f"(shape {tuple(t.shape)}); use dim=-1 for one ESS per sequence or dim=None for one "
+            f"over all tokens."
+        )
+    return dim % t.dim()
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -34,8 +62,7 @@ def check_loss_inputs(
     if rollout_weights is not None:
         named["rollout_weights"] = rollout_weights
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+        check_tensor(name, t)
     if logp_new.dim() != 2:
         raise ValueError(
             f"logp_new must be 2-D (B, T) per-token log-probabilities, got {_describe(logp_new)}."
@@ -62,14 +89,76 @@ def check_loss_inputs(
                 f"device, e.g. {name}.to(logp_new.device)."
             )
         if name != "mask" and not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {_describe(t)}.")
-    if logp_old.dtype != logp_new.dtype:
-        raise ValueError(
-            f"logp_old has dtype {logp_old.dtype} but logp_new has {logp_new.dtype}; cast one, "
-            f"e.g. logp_old.to(logp_new.dtype)."
-        )
+            raise ValueError(
+                f"{name} must be a floating-point tensor, got {_describe(t)}; pass {name}.float()."
+            )
     if mask.is_complex():
         raise ValueError(f"mask must be bool or real-valued 0/1, got {_describe(mask)}.")
+
+
+def check_normalizer(
+    normalizer: Any, loss_agg_mode: str, device: torch.device
+) -> float | torch.Tensor | None:
+    """The normalizer as a Python float or a detached 0-dim tensor (metadata checks only).
+
+    A Python number stays a Python number: dividing by it passes it to the kernel as an
+    argument, where building a tensor from it would be a host-to-device copy.
+    """
+    if normalizer is None:
+        return None
+    if loss_agg_mode == "token-sum":
+        raise ValueError("normalizer is not used with loss_agg_mode='token-sum'; drop it.")
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(
+                f"normalizer must be a number or a one-element tensor, got shape "
+                f"{tuple(normalizer.shape)}."
+            )
+        if normalizer.device != device and normalizer.device.type != "cpu":
+            raise ValueError(
+                f"normalizer is on {normalizer.device} but logp_new is on {device}; pass a "
+                f"Python number or a tensor on {device}."
+            )
+        # A CPU one-element tensor is used as a scalar by kernels on any device: no copy.
+        return normalizer.detach().reshape(())
+    ok = isinstance(normalizer, numbers.Real) and not isinstance(normalizer, bool)
+    value = float(normalizer) if ok else math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"normalizer must be a finite positive number (tokens or sequences in the optimizer "
+            f"batch, summed over micro-batches and ranks), got {normalizer!r}."
+        )
+    return value
+
+
+def check_stats(stats: Any, ess_scope: str, device: torch.device) -> None:
+    """Metadata checks for precomputed ``stats`` (see :func:`ess_po.step_stats`)."""
+    from ess_po.ess import ESSStats  # deferred: ess imports this module
+
+    if not isinstance(stats, ESSStats):
+        raise ValueError(
+            f"stats must be an ESSStats (from ess_po.ess_stats / step_stats), got "
+            f"{type(stats).__name__}."
+        )
+    if ess_scope == "sequence":
+        raise ValueError(
+            "stats cannot be used with ess_scope='sequence' (each sequence has its own ESS); use "
+            "ess_scope='batch' or drop stats."
+        )
+    for name, t in stats._asdict().items():
+        if not isinstance(t, torch.Tensor) or t.dim() != 0:
+            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(
+                f"stats.{name} must be a 0-dim tensor (batch statistics), got {got}; build them "
+                f"with ess_stats(log_ratio, mask) (no dim) or step_stats(...)."
+            )
+        if t.device != device:
+            raise ValueError(
+                f"stats is on {t.device} but logp_new is on {device}; build the statistics on "
+                f"the loss's device."
+            )
+        if not t.is_floating_point():
+            raise ValueError(f"stats.{name} must be floating point, got {t.dtype}.")
 
 
 def check_loss_values(
@@ -78,6 +167,7 @@ def check_loss_values(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     rollout_weights: torch.Tensor | None,
+    stats: Any,
 ) -> None:
     """Opt-in value checks; they synchronise with the device."""
     if mask.dtype != torch.bool:
@@ -103,3 +193,26 @@ def check_loss_values(
                 f"{name} has {int(bad.sum())} non-finite values at valid (mask=1) positions, "
                 f"first at {idx}. Masked positions may hold anything; valid ones must be finite."
             )
+    if stats is not None:
+        values = torch.stack(list(stats))
+        not_finite = ValueError(
+            f"stats has values that are not finite: {stats}; a NaN or inf log ratio at a valid "
+            f"position of the step gives this."
+        )
+        if bool(torch.isnan(values).any()):
+            raise not_finite
+        if not bool(stats.count > 0):
+            raise ValueError(
+                "stats has no valid tokens (count 0); build it from the step's log ratios and "
+                "masks, or drop stats."
+            )
+        if not bool(torch.isfinite(values).all()):
+            raise not_finite
+
+
+def check_normalizer_value(normalizer: float | torch.Tensor | None) -> None:
+    """Opt-in: a tensor normalizer is finite and positive (synchronises with the device)."""
+    if isinstance(normalizer, torch.Tensor) and not bool(
+        torch.isfinite(normalizer) & (normalizer > 0)
+    ):
+        raise ValueError(f"normalizer must be finite and positive, got {normalizer}.")

@@ -10,24 +10,38 @@ For log ratios :math:`\ell_t = \log w_t` over the :math:`n` valid tokens,
 
 The sufficient statistics :class:`ESSStats` (a shift, two shifted log-sums, n) combine exactly across
 micro-batches (:meth:`ESSStats.merge`) and data-parallel ranks (:func:`all_reduce_stats`, one
-all-reduce), so the ESS of a split batch equals the ESS of the whole batch. Computing them in log
-space with a max shift keeps log ratios of ±80 and beyond finite (a direct ``exp`` would overflow
-and make ESS look like 1).
+all-reduce), so the ESS of a split batch equals the ESS of the whole batch (:func:`step_stats`
+builds the statistics of a whole optimizer step this way). Computing them in log space with a max
+shift keeps log ratios of ±80 and beyond finite (a direct ``exp`` would overflow and make ESS look
+like 1).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from ess_po._validation import _describe
+from ess_po._validation import check_dim, check_tensor
 
 
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype statistics and losses are computed in: float64 for float64 input, else float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The dtype statistics and losses are computed in: float64 if any input is float64, else
+    float32 (bfloat16 and float16 inputs are widened)."""
+    wide = any(t is not None and t.dtype == torch.float64 for t in tensors)
+    return torch.float64 if wide else torch.float32
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context with autocast disabled for ``device``'s type, so an ambient
+    ``torch.autocast`` never changes what the loss computes (a no-op on device types without
+    autocast, such as ``meta``)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class ESSStats(NamedTuple):
@@ -44,7 +58,9 @@ class ESSStats(NamedTuple):
         log_s2: shifted log-sum of squared ratios; ``-inf`` when there are no valid tokens.
         count: number of valid tokens :math:`n` (floating point).
 
-    All fields have the same shape: ``()`` for a batch, ``(B,)`` per sequence.
+    All fields have the same shape: ``()`` for a batch, ``(B,)`` per sequence. Pass batch
+    statistics (``()``) to :func:`ess_po.ess_policy_loss` as ``stats=`` to use an ESS computed
+    over more tokens than the call holds (the step scope, see :func:`step_stats`).
     """
 
     shift: torch.Tensor
@@ -76,7 +92,8 @@ class ESSStats(NamedTuple):
         n = self.count
         log_n = torch.log(n.clamp(min=1.0))
         raw = 2.0 * self.log_s1 - self.log_s2 - log_n
-        # Clamp away rounding outside the mathematical range; n = 0 means "nothing to correct".
+        # Clamp away rounding outside the mathematical range (NaN stays NaN); n = 0 means
+        # "nothing to correct".
         raw = torch.minimum(torch.maximum(raw, -log_n), torch.zeros_like(raw))
         return torch.where(n > 0, raw, torch.zeros_like(raw))
 
@@ -85,38 +102,41 @@ class ESSStats(NamedTuple):
         return self.log_ess().exp()
 
 
-def stats_from_masked_log_ratio(
-    masked_lw: torch.Tensor,
-    count: torch.Tensor,
-    dim: int | None,
-    *,
-    overwrite: bool = False,
-    valid: torch.Tensor | None = None,
-) -> ESSStats:
-    """Statistics from log ratios that hold ``-inf`` (or -1e30) at masked positions.
+def reduce_or(x: torch.Tensor, op: str, dim: int | None, empty: float) -> torch.Tensor:
+    """``x.amax``/``x.amin`` over ``dim`` (all of ``x`` for ``None``), ``empty`` where the reduced
+    set is empty. torch refuses to reduce an empty dimension; the shape is metadata, so this
+    branch costs nothing."""
+    dim = None if dim is None else dim % max(x.dim(), 1)
+    size = x.numel() if dim is None else x.shape[dim]
+    if size == 0:
+        shape = () if dim is None else x.shape[:dim] + x.shape[dim + 1 :]
+        return x.new_full(shape, empty)
+    return getattr(x, op)() if dim is None else getattr(x, op)(dim=dim)
 
-    Shifting by the maximum makes every exponent <= 0: no overflow, and the largest term is 1.
-    ``count`` is the number of valid positions, reduced like ``dim``. With ``overwrite`` the
-    exponentials are formed in ``masked_lw``'s own memory (no new (B, T) buffer); ``valid``
-    (0/1 float, optional) zeroes masked positions without exponentiating their padding.
+
+def masked_stats(
+    log_ratio: torch.Tensor, valid: torch.Tensor, dim: int | None
+) -> tuple[ESSStats, torch.Tensor]:
+    """Statistics of ``log_ratio`` (detached, compute dtype) at ``valid`` (bool) positions, and
+    the shifted ratios ``exp(log_ratio - shift)`` (0 at masked positions).
+
+    ``dim`` is ``None`` or a dimension. Masked positions may hold anything: they
+    are replaced by ``-inf`` before any arithmetic. Shifting by the maximum makes every exponent
+    <= 0: no overflow, and the largest term is 1. A NaN or ``+inf`` at a valid position makes
+    the statistics NaN (never silently dropped).
     """
-    shift = masked_lw.amax() if dim is None else masked_lw.amax(dim=dim, keepdim=True)
-    # All-masked rows have a max of -inf (or the padding value); shift them by 0 so that
-    # exp(-inf - 0) = 0, not NaN, and mark them empty below.
-    shift = torch.where(torch.isfinite(shift), shift, 0.0)
-    e = masked_lw.sub_(shift) if overwrite else masked_lw - shift
-    # exp of a huge negative number takes a slow path on CPU: with ``valid``, exponentiate 0
-    # at masked positions and zero them after.
-    e = e.exp_() if valid is None else e.mul_(valid).exp_().mul_(valid)
-    if dim is None:
-        flat = e.reshape(-1)
-        s1, s2 = flat.sum(), torch.dot(flat, flat)
-    else:
-        s1, s2 = e.sum(dim=dim), torch.linalg.vecdot(e, e, dim=dim)
-        shift = shift.squeeze(dim)
-    count = count.to(e.dtype)
+    dim = None if dim is None else dim % log_ratio.dim()
+    masked = torch.where(valid, log_ratio, float("-inf"))
+    shift = reduce_or(masked, "amax", dim, float("-inf"))
+    # Empty sets have a max of -inf: shift them by 0 so that exp(-inf - 0) = 0, not NaN.
+    shift = torch.where(shift == float("-inf"), 0.0, shift)
+    e = torch.exp(masked - (shift if dim is None else shift.unsqueeze(dim)))
+    count = valid.sum(dim=dim).to(log_ratio.dtype)
+    # Sums of products, not dot/vecdot: those are on autocast's lower-precision list.
+    s1, s2 = e.sum(dim=dim), (e * e).sum(dim=dim)
     # Empty sets have e == 0 everywhere, so their log-sums are already -inf.
-    return ESSStats(torch.where(count == 0, 0.0, shift), torch.log(s1), torch.log(s2), count)
+    stats = ESSStats(torch.where(count > 0, shift, 0.0), torch.log(s1), torch.log(s2), count)
+    return stats, e
 
 
 def ess_stats(
@@ -126,13 +146,19 @@ def ess_stats(
 
     Args:
         log_ratio: log importance ratios, e.g. ``logp_new - logp_old``, any shape, e.g. ``(B, T)``.
-        mask: same shape, bool or 0/1; ``None`` means every position is valid. Masked positions
-            may hold anything (``-inf``, NaN): they are never read.
+        mask: same shape, bool or 0/1. Masked positions may hold anything (``-inf``, NaN): they
+            are never read. ``None`` means every *finite* position is valid: non-finite
+            positions (NaN, ±inf) are dropped. With a mask, a NaN or inf at a valid position
+            makes the statistics NaN.
         dim: reduce over this dimension only (``dim=-1`` gives per-sequence statistics of shape
             ``(B,)``); ``None`` reduces over everything.
 
     Returns:
-        :class:`ESSStats` in float32 (float64 if ``log_ratio`` is float64).
+        :class:`ESSStats` in float32 (float64 if ``log_ratio`` is float64), detached.
+
+    Raises:
+        TypeError: ``log_ratio`` or ``mask`` is not a tensor.
+        ValueError: non-floating ``log_ratio``, a mask of another shape, ``dim`` out of range.
 
     Example:
         >>> import torch
@@ -140,35 +166,48 @@ def ess_stats(
         >>> ess_stats(lw, dim=-1).ess()
         tensor([0.3333, 1.0000])
     """
-    if mask is not None and mask.shape != log_ratio.shape:
-        raise ValueError(
-            f"mask must have the shape of log_ratio {tuple(log_ratio.shape)}, got "
-            f"{tuple(mask.shape)}."
-        )
+    check_tensor("log_ratio", log_ratio)
+    if mask is not None:
+        check_tensor("mask", mask, optional=True)
+        if mask.shape != log_ratio.shape:
+            raise ValueError(
+                f"mask must have the shape of log_ratio {tuple(log_ratio.shape)}, got "
+                f"{tuple(mask.shape)}."
+            )
     if not log_ratio.is_floating_point():
-        raise ValueError(f"log_ratio must be floating point, got {_describe(log_ratio)}.")
-    lw = log_ratio.detach().to(compute_dtype(log_ratio))
-    valid = torch.isfinite(lw) if mask is None else mask.bool()
-    return stats_from_masked_log_ratio(
-        torch.where(valid, lw, float("-inf")), valid.sum(dim=dim), dim
-    )
+        raise ValueError(
+            f"log_ratio must be floating point, got dtype {log_ratio.dtype}; pass "
+            f"log_ratio.float()."
+        )
+    dim = check_dim(dim, log_ratio)
+    with torch.no_grad(), autocast_off(log_ratio.device):
+        lw = log_ratio.to(compute_dtype(log_ratio))
+        valid = torch.isfinite(lw) if mask is None else mask.bool()
+        return masked_stats(lw, valid, dim)[0]
 
 
-def _default_group_size(process_group: dist.ProcessGroup | None) -> int:
+def _group_size(process_group: dist.ProcessGroup | None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(process_group)
 
 
 def all_reduce_stats(stats: ESSStats, process_group: dist.ProcessGroup | None = None) -> ESSStats:
-    """Combine batch-scope statistics over the ranks of ``process_group`` with one all-reduce.
+    """Combine batch-scope (0-dim) statistics over the ranks of ``process_group``, one all-reduce.
 
     Each rank writes its four statistics into its own row of a ``(world, 4)`` buffer of zeros; a
     sum all-reduce then gathers every rank's row, and a re-shifted log-sum-exp over rows combines
-    them exactly. Ranks with no valid tokens contribute ``-inf`` sums, which combine as zero mass.
-    A no-op when torch.distributed is not initialised or has one rank.
+    them exactly. Ranks with no valid tokens contribute ``-inf`` sums, which combine as zero mass;
+    they must still call this function (every rank joins the collective). A no-op when
+    torch.distributed is not initialised or the group has one rank.
+
+    Example:
+        >>> import torch
+        >>> s = ess_stats(torch.tensor([0.0, 1.0]))
+        >>> all_reduce_stats(s) is s  # not distributed: unchanged
+        True
     """
-    world = _default_group_size(process_group)
+    world = _group_size(process_group)
     if world == 1:
         return stats
     rank = dist.get_rank(process_group)
@@ -179,7 +218,7 @@ def all_reduce_stats(stats: ESSStats, process_group: dist.ProcessGroup | None = 
     shift, log_s1, log_s2, count = buf.unbind(1)
     nonempty = count > 0
     top = torch.where(nonempty, shift, float("-inf")).amax()
-    top = torch.where(torch.isfinite(top), top, 0.0)
+    top = torch.where(top == float("-inf"), 0.0, top)
     delta = torch.where(nonempty, shift - top, 0.0)
     return ESSStats(
         top,
@@ -187,6 +226,47 @@ def all_reduce_stats(stats: ESSStats, process_group: dist.ProcessGroup | None = 
         torch.logsumexp(log_s2 + 2.0 * delta, dim=0),
         count.sum(),
     )
+
+
+def step_stats(
+    parts: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    sync: bool = True,
+) -> ESSStats:
+    r"""Batch statistics of a whole optimizer step: every micro-batch, every data-parallel rank.
+
+    Merges :func:`ess_stats` of each ``(log_ratio, mask)`` pair (``(B_i, T_i)`` each, e.g.
+    ``logp_new.detach() - logp_old`` of each gradient-accumulation micro-batch) and, with
+    ``sync``, all-reduces the result over ``process_group`` (every rank must call it, also a rank
+    without data: give it a ``(0, T)`` pair). Pass the result to every loss call of the step,
+    ``ess_policy_loss(..., stats=step)``: each call then uses the ESS of the whole step, so the
+    update no longer depends on how the step is split into micro-batches and ranks.
+
+    The log ratios must come from the policy the step's losses are computed with (the current
+    parameters, before the step's first update), for instance from a no-grad forward pass over
+    the step's micro-batches, or the recomputed old log-probs on the first step after a rollout.
+
+    Raises:
+        ValueError: ``parts`` is empty.
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.tensor([[0.0, 1.0]]), torch.tensor([[2.0, 0.0]])
+        >>> step = step_stats([(a, None), (b, None)])
+        >>> torch.allclose(step.ess(), ess_stats(torch.cat([a, b])).ess())
+        True
+    """
+    merged: ESSStats | None = None
+    for log_ratio, mask in parts:
+        s = ess_stats(log_ratio, mask)
+        merged = s if merged is None else merged.merge(s)
+    if merged is None:
+        raise ValueError(
+            "step_stats got no (log_ratio, mask) pairs; pass at least one, e.g. a (0, T) tensor "
+            "pair on a rank without data (every rank must join the all-reduce)."
+        )
+    return all_reduce_stats(merged, process_group) if sync else merged
 
 
 def effective_sample_size(
@@ -208,7 +288,12 @@ def effective_sample_size(
             ``None``, compute the ESS of the valid tokens of all ranks together.
 
     Returns:
-        Detached float32 tensor in ``[1/n, 1]``; 1 where there are no valid tokens.
+        Detached tensor in ``[1/n, 1]``, float32 (float64 for float64 input); 1 where there are
+        no valid tokens.
+
+    Raises:
+        TypeError: ``log_ratio`` or ``mask`` is not a tensor.
+        ValueError: see :func:`ess_stats`.
 
     Example:
         >>> import torch

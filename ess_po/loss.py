@@ -11,15 +11,16 @@ from typing import Literal, NamedTuple
 import torch
 import torch.distributed as dist
 
-from ess_po._kernel import DIAGNOSTICS, ESSLossFunction, LossOptions
 from ess_po._validation import (
     AGG_MODES,
-    ESS_SCOPES,
     check_choice,
-    check_loss_inputs,
-    check_loss_values,
+    check_normalizer,
+    check_normalizer_value,
+    check_tensor,
 )
-from ess_po.ess import compute_dtype
+from ess_po.aggregation import aggregate
+from ess_po.ess import ESSStats
+from ess_po.objective import ess_token_loss
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"]
 """How :func:`ess_policy_loss` aggregates the ``(B, T)`` per-token losses into a scalar.
@@ -33,12 +34,16 @@ ESSScope = Literal["batch", "sequence"]
 """Over which tokens the ESS (and with it the cap and the regulariser weight) is computed.
 
 ``"batch"``: one ESS over all valid tokens of the ``(B, T)`` call, all-reduced over
-data-parallel ranks (the paper). ``"sequence"``: one ESS per row, shape ``(B,)``.
+data-parallel ranks, as the authors' reference implementation does; with ``stats=`` one ESS
+over precomputed statistics, e.g. of the whole optimizer step (:func:`step_stats`).
+``"sequence"``: one ESS per row, shape ``(B,)``.
 """
 
 
 class ESSLossOutput(NamedTuple):
     """The loss and its diagnostics. All fields but ``loss`` are detached 0-dim float32 tensors.
+
+    New fields are appended at the end, so positional unpacking of the older ones keeps working.
 
     Attributes:
         loss: scalar objective to minimise (float32; float64 for float64 inputs).
@@ -46,13 +51,21 @@ class ESSLossOutput(NamedTuple):
             sequence scope: mean over non-empty sequences of this call).
         ess_min: smallest per-sequence ESS (equals ``ess`` in batch scope).
         capped_frac: fraction of valid tokens whose ratio exceeded ESS (weight capped to ESS).
-        kl_behavior: mean over valid tokens of k3 = d + exp(-d) - 1, the regulariser's divergence
-            estimate between the current and the behaviour policy.
+            Near on-policy it can read 0.3-0.5 while the cap changes nothing: ratios a rounding
+            step above ESS count; ``capped_mass`` tells how much the cap actually removes.
+        kl_behavior: mean over valid tokens of k3 = d + exp(-d) - 1 (with the linear tail below
+            -REGULARIZER_LINEAR_TAIL), the regulariser's divergence estimate between the current
+            and the behaviour policy.
         ratio_mean: mean ratio w over valid tokens.
-        ratio_max: largest ratio w over valid tokens.
+        ratio_max: largest ratio w over valid tokens (saturates at float32's largest number).
         policy_loss: the aggregated policy term (part of ``loss``).
         regularizer_loss: the aggregated (1 - ESS) * k3 term (part of ``loss``).
         num_tokens: number of valid tokens in this call.
+        capped_mass: share of the ratio mass the cap removes, sum(w - rho) / sum(w) over valid
+            tokens: 0 on-policy, about 0 when ratios exceed ESS only by rounding, toward 1 when
+            one ratio dominates. Computed in log space (no overflow for huge ratios).
+        ratio_min: smallest ratio w over valid tokens: how far into the regulariser's tail the
+            batch reaches (below exp(-REGULARIZER_LINEAR_TAIL) the tail is linear).
 
     Diagnostics other than ``ess`` are local to the call; frameworks average them across ranks
     when they log, as they do with clip fractions.
@@ -68,34 +81,15 @@ class ESSLossOutput(NamedTuple):
     policy_loss: torch.Tensor
     regularizer_loss: torch.Tensor
     num_tokens: torch.Tensor
+    capped_mass: torch.Tensor
+    ratio_min: torch.Tensor
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """The diagnostics (every field except ``loss`` and ``num_tokens``) as a dict of tensors.
 
         No host synchronisation: convert to floats once, where the framework logs.
         """
-        return {name: getattr(self, name) for name in DIAGNOSTICS if name != "num_tokens"}
-
-
-def _normalizer_tensor(
-    normalizer: float | torch.Tensor, loss_agg_mode: str, like: torch.Tensor
-) -> torch.Tensor:
-    if loss_agg_mode == "token-sum":
-        raise ValueError("normalizer is not used with loss_agg_mode='token-sum'; drop it.")
-    dtype = compute_dtype(like)
-    if isinstance(normalizer, torch.Tensor):
-        if normalizer.numel() != 1:
-            raise ValueError(
-                f"normalizer must be a number or a one-element tensor, got shape "
-                f"{tuple(normalizer.shape)}."
-            )
-        return normalizer.detach().reshape(()).to(device=like.device, dtype=dtype)
-    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or normalizer <= 0:
-        raise ValueError(
-            f"normalizer must be a positive number (tokens or sequences in the optimizer batch), "
-            f"got {normalizer!r}."
-        )
-    return torch.tensor(float(normalizer), device=like.device, dtype=dtype)
+        return {name: getattr(self, name) for name in self._fields[1:] if name != "num_tokens"}
 
 
 def ess_policy_loss(
@@ -110,6 +104,7 @@ def ess_policy_loss(
     rollout_weights: torch.Tensor | None = None,
     process_group: dist.ProcessGroup | None = None,
     sync_ess: bool = True,
+    stats: ESSStats | None = None,
     check_values: bool = False,
 ) -> ESSLossOutput:
     r"""The ESS policy loss with its diagnostics.
@@ -123,17 +118,34 @@ def ess_policy_loss(
             \quad\text{(no gradient)} \\
         \rho_t &= \mathrm{sg}\big(\min(w_t, \mathrm{ESS})\big) \\
         \ell_t &= -\rho_t\, c_t\, A_t \log\pi_\theta(t)
-            + (1 - \mathrm{ESS})\,\big(d_t + e^{-d_t} - 1\big)
+            + (1 - \mathrm{ESS})\,k_3(d_t), \qquad k_3(d) = d + e^{-d} - 1
 
     aggregated by ``loss_agg_mode``. On-policy (``logp_old == logp_new``) ESS = 1 and the loss is
     REINFORCE with the given advantages; as the batch goes stale ESS falls, the cap on the
     score-function weight tightens and the k3 regulariser pulling the policy back toward the
     behaviour policy turns on. The objective has no hyper-parameters. Gradients flow to
-    ``logp_new`` only; behaviour log-probabilities, advantages and weights are constants.
+    ``logp_new`` only; behaviour log-probabilities, advantages and weights are constants
+    (detached if they require grad). ESS and :math:`\rho` carry no gradient, so second
+    derivatives are those of the regulariser, :math:`(1-\mathrm{ESS})\,e^{-d_t}`.
+
+    The regulariser's tail: below :math:`d = -L`, ``L = REGULARIZER_LINEAR_TAIL`` (50), :math:`k_3`
+    is continued by its tangent line, :math:`k_3(-L) + (1 - e^{L})(d + L)`, so value and
+    gradient stay finite. Between :math:`d \approx -10` and :math:`-L` the gradient
+    :math:`1 - e^{-d}` grows exponentially: one token there can outweigh the batch (watch
+    ``ratio_min``).
+
+    Numerics: computed in float32 (float64 if any input is float64) whatever the input dtypes
+    (bf16 ``logp_new`` beside fp32 ``logp_old`` is fine) and whatever ``torch.autocast`` is
+    active; the gradient is returned in ``logp_new``'s dtype by autograd's own cast, so an fp16
+    overflow becomes inf (a GradScaler then skips the step). Masked positions never reach the
+    loss or the gradient, whatever they hold; a NaN or inf at a valid position shows in the
+    loss. The same code runs eager and under ``torch.compile``, and it never synchronises with
+    the device (no ``.item()``, no host-to-device copy) unless ``check_values`` is set.
 
     Args:
         logp_new: ``(B, T)`` log-probabilities of the sampled tokens under the current policy.
-        logp_old: ``(B, T)`` log-probabilities under the behaviour (rollout) policy; same dtype.
+        logp_old: ``(B, T)`` log-probabilities under the behaviour (rollout) policy; any
+            floating dtype.
         advantages: ``(B,)``, ``(B, 1)`` or ``(B, T)``.
         mask: ``(B, T)`` bool or 0/1: which tokens count. Masked positions may hold anything
             (``-inf``, NaN) in the other inputs; they never reach the loss or the gradient.
@@ -145,7 +157,8 @@ def ess_policy_loss(
             the pieces add up to the loss of the whole batch. Under DDP/FSDP, which *average*
             gradients over ranks, pass the global count divided by the world size (or multiply
             the loss by it, as verl does). ``None``: this call's own count (valid tokens;
-            non-empty sequences). Not used with token-sum.
+            non-empty sequences). A finite positive Python number (numpy scalars too) or a
+            one-element tensor (on the inputs' device, or on the CPU). Not used with token-sum.
         ess_scope: ``"batch"`` (one ESS over all valid tokens, and all ranks) or ``"sequence"``
             (each sequence its own ESS, cap and regulariser weight).
         rollout_weights: optional ``(B, T)`` weights :math:`c_t` multiplying the policy term
@@ -153,15 +166,24 @@ def ess_policy_loss(
         process_group: group for the ESS all-reduce; ``None`` is the default group.
         sync_ess: in batch scope, when torch.distributed is initialised with several ranks,
             compute ESS over the valid tokens of all ranks (one all-reduce of three numbers).
-            Every rank must then call the loss the same number of times.
-        check_values: also check that valid positions are finite and that the mask is 0/1.
-            These checks synchronise with the device, so they are off by default.
+            Every rank must then call the loss the same number of times, also a rank whose
+            shard is empty (``B = 0`` or all masked).
+        stats: precomputed batch statistics (0-dim :class:`ESSStats`), e.g. of the whole
+            optimizer step from :func:`step_stats` (all micro-batches, all ranks): the ESS is
+            computed from them instead of from this call's tokens, and no all-reduce happens
+            here. Batch scope only. Diagnostics other than ``ess`` stay local to the call.
+        check_values: also check that valid positions are finite, that the mask is 0/1, and
+            that ``stats`` and a tensor ``normalizer`` are finite with positive counts. These
+            checks synchronise with the device, so they are off by default.
 
     Returns:
         :class:`ESSLossOutput`: the scalar ``loss`` and detached diagnostics.
 
     Raises:
-        ValueError: on shape, dtype or device mismatches, unknown options, and (with
+        TypeError: an input is not a tensor.
+        ValueError: on shape, dtype or device mismatches, unknown options, a non-finite or
+            non-positive number as ``normalizer``, ``stats`` that are not 0-dim
+            :class:`ESSStats` on the inputs' device or used with sequence scope, and (with
             ``check_values``) non-finite values at valid positions or a non-binary mask.
 
     Example:
@@ -177,18 +199,36 @@ def ess_policy_loss(
         tensor([[-0.3066, -0.2168, -0.3107]])
     """
     check_choice("loss_agg_mode", loss_agg_mode, AGG_MODES)
-    check_choice("ess_scope", ess_scope, ESS_SCOPES)
-    check_loss_inputs(logp_new, logp_old, advantages, mask, rollout_weights)
-    if normalizer is not None:
-        normalizer = _normalizer_tensor(normalizer, loss_agg_mode, logp_new)
+    check_tensor("logp_new", logp_new)
+    normalizer = check_normalizer(normalizer, loss_agg_mode, logp_new.device)
     if check_values:
-        check_loss_values(logp_new, logp_old, advantages, mask, rollout_weights)
-        if isinstance(normalizer, torch.Tensor) and not bool(normalizer > 0):
-            raise ValueError(f"normalizer must be positive, got {normalizer}.")
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(-1)
-    options = LossOptions(loss_agg_mode, ess_scope == "sequence", process_group, sync_ess)
-    loss, diag = ESSLossFunction.apply(
-        logp_new, logp_old, advantages, mask, rollout_weights, normalizer, options
+        check_normalizer_value(normalizer)
+    tok = ess_token_loss(
+        logp_new,
+        logp_old,
+        advantages,
+        mask,
+        ess_scope=ess_scope,
+        rollout_weights=rollout_weights,
+        process_group=process_group,
+        sync_ess=sync_ess,
+        stats=stats,
+        check_values=check_values,
     )
-    return ESSLossOutput(loss, *diag.unbind(0))
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    policy_loss = aggregate(tok.policy_loss, valid, loss_agg_mode, normalizer)
+    regularizer_loss = aggregate(tok.regularizer_loss, valid, loss_agg_mode, normalizer)
+    return ESSLossOutput(
+        policy_loss + regularizer_loss,
+        tok.ess,
+        tok.ess_min,
+        tok.capped_frac,
+        tok.kl_behavior,
+        tok.ratio_mean,
+        tok.ratio_max,
+        policy_loss.detach().float(),
+        regularizer_loss.detach().float(),
+        tok.num_tokens,
+        tok.capped_mass,
+        tok.ratio_min,
+    )

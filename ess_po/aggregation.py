@@ -1,0 +1,37 @@
+"""Aggregation of ``(B, T)`` per-token losses into the scalar a trainer minimises.
+
+The four modes of :data:`ess_po.AggMode`, as verl and TRL define them. Masked positions must
+already hold 0; ``valid`` only counts tokens and sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def aggregate(
+    token_loss: torch.Tensor,
+    valid: torch.Tensor,
+    mode: str,
+    normalizer: float | torch.Tensor | None,
+) -> torch.Tensor:
+    """The scalar of ``token_loss`` (``(B, T)``, 0 at masked positions) under ``mode``.
+
+    ``normalizer`` (a positive Python number or a 0-dim tensor) replaces the call's own count
+    (valid tokens for token-mean; non-empty sequences for seq-mean-*); a Python number is
+    divided by directly, so it never becomes a tensor. Fully masked sequences are not counted by
+    the seq-mean modes, as in verl's ``agg_loss``.
+    """
+    if mode == "token-sum":
+        return token_loss.sum()
+    if mode == "seq-mean-token-mean":
+        per_seq = token_loss.sum(dim=-1) / valid.sum(dim=-1).clamp(min=1).to(token_loss.dtype)
+        total = per_seq.sum()
+    else:
+        total = token_loss.sum()
+    if normalizer is None:
+        count = valid.sum() if mode == "token-mean" else valid.any(dim=-1).sum()
+        normalizer = count.clamp(min=1).to(token_loss.dtype)
+    elif isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.to(token_loss.dtype)
+    return total / normalizer
