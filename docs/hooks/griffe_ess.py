@@ -7,10 +7,17 @@
 * Turns the reStructuredText roles used in the docstrings into Markdown: ``.. math::`` blocks
   and ``:math:`` roles into MathJax (``pymdownx.arithmatex``), ``:func:``/``:class:``/
   ``:meth:``/``:data:`` roles into cross-references (``mkdocs-autorefs``).
+* Reads an ``Example:`` heading as the Google-style ``Examples:`` section, so the doctest lines
+  render as code (griffe would otherwise make an "example" admonition of them and Markdown
+  would read the ``>>>`` prompts as nested quotes).
+* Shows a module constant computed from other constants (``tuple(_CORE_MODE)``) by its value,
+  evaluated statically from the literal constants of its module.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import re
 import textwrap
 from pathlib import Path
@@ -22,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[2]
 _ROLE = re.compile(r":(func|class|meth|data|attr|mod|obj):`~?([^`]+)`")
 _MATH_ROLE = re.compile(r":math:`([^`]+)`")
 _MATH_BLOCK = re.compile(r"^( *)\.\. math::\n\n((?:\1 {2,}.*\n|\n)+)", re.MULTILINE)
+_EXAMPLE = re.compile(r"^( *)Example:[ \t]*$", re.MULTILINE)
+#: what a constant's value may call when it is evaluated for the reference
+_SAFE_CALLS = {f.__name__: f for f in (tuple, list, dict, set, frozenset, sorted, len)}
 
 
 def _math_block(match: re.Match[str]) -> str:
@@ -52,6 +62,7 @@ def _resolve(target: str, obj: griffe.Object) -> str:
 def rst_to_markdown(text: str, obj: griffe.Object) -> str:
     """Convert the reStructuredText constructs used in ess-po docstrings to Markdown."""
     text = _MATH_BLOCK.sub(_math_block, text if text.endswith("\n") else text + "\n")
+    text = _EXAMPLE.sub(r"\1Examples:", text)
     text = _MATH_ROLE.sub(lambda m: f"${m.group(1)}$", text)
     text = _ROLE.sub(
         lambda m: f"[`{m.group(2).split('.')[-1]}`][{_resolve(m.group(2), obj)}]", text
@@ -72,10 +83,37 @@ def _doc_comment(attr: griffe.Object) -> str | None:
     return " ".join(found) or None
 
 
+def _literal(value: object) -> object:
+    return ast.literal_eval(str(value))
+
+
+def show_computed_values(module: griffe.Module) -> None:
+    """Replace a constant's expression by its value where the module's literals determine it."""
+    attributes = [
+        m for m in module.members.values() if not m.is_alias and m.is_attribute and m.value
+    ]
+    namespace: dict[str, object] = {}
+    for attr in attributes:
+        with contextlib.suppress(ValueError, SyntaxError, TypeError):
+            namespace[attr.name] = _literal(attr.value)
+    for attr in attributes:
+        if attr.name in namespace:
+            continue
+        try:
+            value = eval(str(attr.value), {"__builtins__": _SAFE_CALLS}, dict(namespace))
+        except Exception:  # not computable statically: keep the expression
+            continue
+        if isinstance(value, str | int | float | bool | tuple | list | frozenset | set | dict):
+            attr.value = repr(value)
+    for sub in module.modules.values():
+        show_computed_values(sub)
+
+
 class ESSDocs(griffe.Extension):
     """See the module docstring."""
 
     def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
+        show_computed_values(pkg)
         if pkg.name != "ess_po" or "integrations" in pkg.members:
             return
         sub = griffe.load(
