@@ -4,9 +4,9 @@ Each submodule imports its framework only when it is itself imported, so ``ess_p
 package stay importable with torch alone (``import verl`` loads :mod:`ess_po.integrations.verl`
 through its plugin entry point):
 
-* :mod:`ess_po.integrations.trl` -- ``ESSGRPOTrainer`` (``pip install "ess-po[trl]"``);
+* :mod:`ess_po.integrations.trl` -- ``ESSGRPOTrainer`` (the ``trl`` extra);
 * :mod:`ess_po.integrations.verl` -- the ``ess`` / ``ess_seq`` policy losses for verl
-  (``pip install "ess-po[verl]"``);
+  (the ``verl`` extra);
 * :mod:`ess_po.integrations.tiny` -- an offline tiny model, tokenizer and tasks for tests,
   demos and benchmarks.
 """

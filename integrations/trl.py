@@ -9,7 +9,7 @@ Usage is a one-line change::
 Generation, rewards, advantages, reference model, PEFT, callbacks, checkpointing and
 evaluation are TRL's, unchanged. Only the policy objective in ``_compute_loss`` differs: the
 per-token log-probabilities are computed with TRL's own ``_get_per_token_logps_and_entropies``
-and passed to :func:`ess_po.ess_policy_loss`. Requires ``pip install "ess-po[trl]"`` (TRL 1.16).
+and passed to :func:`ess_po.ess_policy_loss`. Requires the ``trl`` extra (TRL 1.16).
 
 See ``docs/trl.md`` for the mapping of GRPOConfig options.
 """
@@ -26,7 +26,8 @@ try:
     from trl.trainer.utils import nanmax, nanmin
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        'ess_po.integrations.trl needs TRL 1.16: install it with `pip install "ess-po[trl]"`.'
+        'ess_po.integrations.trl needs TRL 1.16: pip install -e ".[trl]" in a checkout of '
+        'ess-po (pip install "ess-po[trl]" once released).'
     ) from err
 
 from ess_po import ess_policy_loss

@@ -289,7 +289,8 @@ def register() -> None:
         from verl.trainer.ppo.core_algos import register_policy_loss
     except ImportError as exc:  # pragma: no cover - exercised only without verl
         raise ImportError(
-            'ess_po.integrations.verl needs verl>=0.9: pip install "ess-po[verl]"'
+            'ess_po.integrations.verl needs verl 0.9: pip install -e ".[verl]" in a checkout '
+            'of ess-po (pip install "ess-po[verl]" once released).'
         ) from exc
     register_policy_loss(LOSS_NAME)(compute_policy_loss_ess)
     register_policy_loss(SEQUENCE_LOSS_NAME)(compute_policy_loss_ess_seq)
