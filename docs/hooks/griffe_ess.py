@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import re
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ _ROLE = re.compile(r":(func|class|meth|data|attr|mod|obj):`~?([^`]+)`")
 _MATH_ROLE = re.compile(r":math:`([^`]+)`")
 _MATH_BLOCK = re.compile(r"^( *)\.\. math::\n\n((?:\1 {2,}.*\n|\n)+)", re.MULTILINE)
 _EXAMPLE = re.compile(r"^( *)Example:[ \t]*$", re.MULTILINE)
+#: top-level modules a role may name that the reference does not document
+_EXTERNAL = set(sys.stdlib_module_names) | {"torch", "trl", "transformers", "verl", "megatron"}
 #: what a constant's value may call when it is evaluated for the reference
 _SAFE_CALLS = {f.__name__: f for f in (tuple, list, dict, set, frozenset, sorted, len)}
 
@@ -48,13 +51,13 @@ def _resolve(target: str, obj: griffe.Object) -> str:
     if target.startswith("ess_po."):
         parts = target.split(".")
         # ess_po.ess.ESSStats -> ess_po.ESSStats: the reference documents the re-exports.
-        if len(parts) > 2 and parts[1] in ("ess", "loss"):
+        if len(parts) > 2 and parts[1] in ("ess", "loss", "objective"):
             return "ess_po." + ".".join(parts[2:])
         return target
     module = obj.module.path
     if module.split(".")[0] == "integrations":  # visited before it is mounted under ess_po
         module = "ess_po." + module
-    if module in ("ess_po.ess", "ess_po.loss"):
+    if module in ("ess_po.ess", "ess_po.loss", "ess_po.objective"):
         module = "ess_po"
     return f"{module}.{target}"
 
@@ -64,10 +67,16 @@ def rst_to_markdown(text: str, obj: griffe.Object) -> str:
     text = _MATH_BLOCK.sub(_math_block, text if text.endswith("\n") else text + "\n")
     text = _EXAMPLE.sub(r"\1Examples:", text)
     text = _MATH_ROLE.sub(lambda m: f"${m.group(1)}$", text)
-    text = _ROLE.sub(
-        lambda m: f"[`{m.group(2).split('.')[-1]}`][{_resolve(m.group(2), obj)}]", text
-    )
+    text = _ROLE.sub(lambda m: _crossref(m.group(2), obj), text)
     return text.rstrip("\n")
+
+
+def _crossref(target: str, obj: griffe.Object) -> str:
+    """A link to a documented name; plain code for the standard library and the frameworks,
+    which this site does not document (``:data:`sys.modules```)."""
+    if target.split(".")[0] in _EXTERNAL:
+        return f"`{target}`"
+    return f"[`{target.split('.')[-1]}`][{_resolve(target, obj)}]"
 
 
 def _doc_comment(attr: griffe.Object) -> str | None:
