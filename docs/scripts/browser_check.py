@@ -60,7 +60,7 @@ FLAGS = [
     "--remote-debugging-pipe",
 ]
 WIDTH, HEIGHT = 1280, 900
-MAX_SHOT_HEIGHT = 16000  # Chromium cannot capture taller surfaces in one piece
+SHOT_TILE = 4000  # screenshot tile height: a long page comes in readable pieces
 KEY_PAGES = ["", "concepts/", "metrics/", "benchmarks/", "api/"]
 
 # Runs in the page once it has loaded: waits for MathJax and the images, then reports.
@@ -275,22 +275,28 @@ def check_page(
         if report["wideTables"]:
             warnings.append(f"{report['wideTables']} table(s) wider than the column")
         if shot is not None:
-            height = min(report["height"], MAX_SHOT_HEIGHT)
-            tools.call(
-                "Emulation.setDeviceMetricsOverride",
-                session,
-                width=WIDTH,
-                height=height,
-                deviceScaleFactor=1,
-                mobile=False,
-            )
-            time.sleep(0.3)
-            data = tools.call("Page.captureScreenshot", session, format="png")["data"]
-            shot.write_bytes(base64.b64decode(data))
+            write_screenshots(tools, session, report["height"], shot)
         return list(dict.fromkeys(failures)), warnings
     finally:
         with contextlib.suppress(Exception):
             tools.call("Target.closeTarget", targetId=target, timeout=10)
+
+
+def write_screenshots(tools: DevTools, session: str, height: int, shot: Path) -> None:
+    """The whole page, in tiles of at most ``SHOT_TILE`` pixels: ``shot`` when one tile is
+    enough, else ``<stem>_1.png``, ``<stem>_2.png``, ... (readable pieces of a long page)."""
+    tops = list(range(0, max(height, 1), SHOT_TILE))
+    for i, top in enumerate(tops, start=1):
+        clip = {"x": 0, "y": top, "width": WIDTH, "height": min(SHOT_TILE, height - top)}
+        data = tools.call(
+            "Page.captureScreenshot",
+            session,
+            format="png",
+            clip={**clip, "scale": 1},
+            captureBeyondViewport=True,
+        )["data"]
+        path = shot if len(tops) == 1 else shot.with_name(f"{shot.stem}_{i}{shot.suffix}")
+        path.write_bytes(base64.b64decode(data))
 
 
 def site_pages(site: Path) -> list[str]:
