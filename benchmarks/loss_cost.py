@@ -5,8 +5,10 @@ Forward, backward and forward+backward time and the memory saved for backward of
 * ``reinforce``  -(A * logp * mask).sum() / n: the floor (no ratios at all);
 * ``clipped``    the PPO/GRPO clipped surrogate as TRL's GRPOTrainer computes it (eps = 0.2);
 * ``cispo``      CISPO's capped score-function loss (sg(min(w, 1 + eps_high)) * A * logp);
-* ``ess``        ``ess_po.ess_policy_loss`` (fused forward, closed-form backward);
-* ``ess-direct`` the same objective written directly with autograd (what the fused kernel saves).
+* ``ess``        ``ess_po.ess_policy_loss`` (plain autograd, with its masking guarantees and
+                 diagnostics: what a user runs);
+* ``ess-direct`` the bare formula written directly with autograd, without sanitising masked
+                 positions or diagnostics (what those cost).
 
 All methods see identical tensors. Repetitions are interleaved (each round runs every method
 once, in rotating order) so machine noise hits them alike; the report gives the median and the
@@ -16,15 +18,23 @@ versions. Timing lives here, never in unit tests.
     python benchmarks/loss_cost.py --quick            # (64, 4096) float32, eager + compiled
     python benchmarks/loss_cost.py                    # the full grid (8x1024 .. 256x8192)
     python benchmarks/loss_cost.py --device cuda      # same script on a GPU
+
+Results go to ``--out`` only (default: a folder in the system's temporary directory); the
+committed ones were written with ``--out docs/results/loss_cost``. The report records the
+command, the date, the versions, the device and the machine's load average before and after the
+run (other processes share the CPU on a busy machine; the interleaving spreads their effect over
+all methods alike).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -138,9 +148,15 @@ def measure(fns: dict[str, LossFn], inputs, device: str, reps: int, warmup: int)
     return out
 
 
+def _load() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def environment(device: str) -> dict:
     env = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]),
+        "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "platform": platform.platform(),
@@ -157,6 +173,7 @@ def run(args: argparse.Namespace) -> dict:
     sizes = [(64, 4096)] if args.quick else FULL_SIZES
     dtypes = ["float32"] if args.quick else ["float32", "bfloat16"]
     modes = ["eager", "compiled"] if not args.no_compile else ["eager"]
+    load_before = _load()
     results = []
     for B, T in sizes:
         for dtype_name in dtypes:
@@ -181,7 +198,22 @@ def run(args: argparse.Namespace) -> dict:
                     + f"   [{time.perf_counter() - t0:.0f}s]",
                     flush=True,
                 )
-    return {"environment": environment(args.device), "reps": args.reps, "results": results}
+    env = environment(args.device)
+    env["load_average_before"] = load_before
+    env["load_average_after"] = _load()
+    return {"environment": env, "reps": args.reps, "results": results}
+
+
+_busy_note = (
+    ": other processes were running, so absolute times are inflated and noisy; the interleaved "
+    "repetitions spread that over all methods alike."
+)
+
+
+def _busy(env: dict) -> bool:
+    """More runnable processes than CPUs (1-minute load average) at the start or the end."""
+    loads = [(env.get(k) or [0.0])[0] for k in ("load_average_before", "load_average_after")]
+    return max(loads) > (env.get("cpu_count") or 1)
 
 
 def markdown(report: dict) -> str:
@@ -192,6 +224,10 @@ def markdown(report: dict) -> str:
         f"{env['date']}, torch {env['torch']}, Python {env['python']}, device {env['device']}"
         f" ({env.get('gpu', env['processor'])}, {env['threads']} threads), "
         f"{report['reps']} interleaved repetitions; median (IQR) in ms.",
+        "",
+        f"Command: `{env.get('command', '?')}`. Load average (1, 5, 15 min) before "
+        f"{env.get('load_average_before')}, after {env.get('load_average_after')} on "
+        f"{env.get('cpu_count')} CPUs" + (_busy_note if _busy(env) else "."),
         "",
         "| B x T | dtype | mode | method | forward | backward | fwd+bwd | / clipped | / reinforce "
         "| saved for bwd |",
@@ -263,7 +299,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-compile", action="store_true", help="eager only")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "ess_po_loss_cost",
+        help="output folder (default: %(default)s); the committed results use "
+        "docs/results/loss_cost",
+    )
     args = p.parse_args(argv)
     if args.reps is None:
         args.reps = 30 if args.quick else 50
