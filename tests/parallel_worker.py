@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -191,6 +192,7 @@ def run_ulysses(rank: int) -> dict[str, Any]:
 
 def main() -> None:
     port, rank, world, out_dir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    start = time.perf_counter()
     torch.set_num_threads(1)
     # Import the frameworks before the rendezvous so that no rank waits on another's imports.
     import ess_po.integrations.verl  # noqa: F401  (imports verl)
@@ -207,9 +209,10 @@ def main() -> None:
         world_size=world,
         timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"seconds": {"imports": time.perf_counter() - start}}
     try:
         for name in LAYOUTS:
+            t0 = time.perf_counter()
             results[name] = (
                 run_ulysses(rank) if name.startswith("ulysses") else run_megatron(name, rank)
             )
@@ -217,6 +220,7 @@ def main() -> None:
             store.wait(
                 [f"done/{name}/{r}" for r in range(world)], timedelta(seconds=STORE_TIMEOUT_S)
             )
+            results["seconds"][name] = time.perf_counter() - t0
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
     finally:

@@ -26,6 +26,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -104,11 +106,18 @@ def _launch(out: Path) -> dict[int, dict[str, Any]]:
             for r in failed
         )
         raise AssertionError(f"workers {failed} failed:\n{logs}")
-    return {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(pw.WORLD)}
+    runs = {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(pw.WORLD)}
+    print("worker seconds (rank 0):", {k: round(v, 2) for k, v in runs[0]["seconds"].items()})
+    for layout in pw.LAYOUTS:
+        print(
+            layout,
+            {r: (res[layout].get("ess"), res[layout].get("ess_legacy")) for r, res in runs.items()},
+        )
+    return runs
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
+def runs() -> Iterator[dict[int, dict[str, Any]]]:
     if not _megatron_available():
         if os.environ.get("ESS_PO_REQUIRE_MEGATRON"):
             pytest.fail("ESS_PO_REQUIRE_MEGATRON is set but megatron-core 0.16 is not installed")
@@ -117,7 +126,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
             "(CI runs .ci/parallel.sh)"
         )
     pytest.importorskip("verl")
-    return _launch(tmp_path_factory.mktemp("parallel"))
+    with tempfile.TemporaryDirectory(prefix="ess-po-parallel-") as out:
+        yield _launch(Path(out))
 
 
 def _reference_ess() -> float:
@@ -136,7 +146,8 @@ def _loss_ranks(runs: dict[int, dict[str, Any]], layout: str) -> dict[int, dict[
 def _assert_one_ess(recs: dict[int, dict[str, Any]], key: str = "ess") -> None:
     ref = _reference_ess()
     got = {r: rec[key] for r, rec in recs.items()}
-    assert all(v == pytest.approx(ref, rel=1e-9) for v in got.values()), (ref, got)
+    # float32 diagnostics: the all-reduced statistics may round differently from one process's
+    assert all(v == pytest.approx(ref, rel=1e-6) for v in got.values()), (ref, got)
 
 
 @pytest.mark.slow
