@@ -406,6 +406,9 @@ def test_empty_micro_batch_is_finite(mode: str) -> None:
         loss, grad, _ = run(shim.compute_policy_loss_ess, batch, mode, {"global_batch_info": info})
         assert_close(loss, torch.zeros((), dtype=loss.dtype))
         assert_close(grad, torch.zeros_like(grad))
+    if mode == "token-mean":
+        token_loss = torch.zeros_like(batch["log_prob"])
+        assert torch.isnan(core_algos.agg_loss(token_loss, batch["response_mask"], mode))
 
 
 def test_errors_name_the_fix() -> None:

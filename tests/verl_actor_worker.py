@@ -1,0 +1,302 @@
+"""Subprocess driver for ``tests/test_verl_actor.py``: verl 0.9.1's own actor update on the CPU.
+
+Usage: ``python tests/verl_actor_worker.py OUT_DIR``. Writes ``OUT_DIR/result.pt``.
+
+The chain exercised is verl's: trainer (``RayPPOTrainer._compute_old_log_prob`` and
+``RayPPOTrainer._update_actor``, called on a minimal host object holding the Hydra config and
+the worker) -> ``ActorRolloutRefWorker.update_actor`` -> ``TrainingWorker.train_mini_batch`` ->
+FSDP2 ``FSDPEngineWithLMHead.train_batch`` (micro-batches, backward, optimizer step) ->
+``verl.workers.utils.losses.ppo_loss`` -> ``get_policy_loss_fn(loss_mode)`` -> the registered
+loss; metrics come back through ``Metric.aggregate_dp`` and ``reduce_metrics``. The CPU
+workarounds are in ``tests/verl_cpu_support.py``. Two instruments observe without changing
+anything: a wrapper around each registered policy loss records its inputs and metrics per call,
+and an optimizer step pre-hook records the gradients of each optimizer step.
+
+Runs (each its own worker, built from ``ppo_trainer.yaml`` with its own overrides; verl's
+defaults: AdamW, FSDP mixed precision with bf16 compute and fp32 parameters / reductions):
+
+* ``vanilla`` / ``ess`` / ``ess_seq``: lr 2e-2, 16 sequences = 2 mini-batches of 8, micro-batch 2
+  (4 micro-batches per optimizer step). old_log_prob recomputed by verl, so the first step is
+  on-policy and the second is not.
+* ``ess_fixed``: lr 0 (the policy never moves), old_log_prob = recomputed - known offsets, so the
+  log-ratio of every token is known exactly and the ESS of every call can be predicted.
+* ``ess_bypass``: lr 0; verl 0.9.1's v1 trainer in rollout-correction bypass mode
+  (``PPOTrainer._compute_old_log_prob``) turns the rollout log-probs into old_log_probs; the
+  actor update must hand exactly those to the ESS loss.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import verl_cpu_support as vcs
+
+N_PROMPTS, ROLLOUT_N, PROMPT_LEN, RESPONSE_LEN = 4, 4, 4, 6
+MINI_BATCH_PROMPTS, MICRO_BATCH = 2, 2
+
+
+def overrides(model_dir: Path, loss_mode: str, lr: float, extra: list[str]) -> list[str]:
+    return [
+        f"actor_rollout_ref.model.path={model_dir}",
+        "+actor_rollout_ref.model.override_config.attn_implementation=eager",
+        "actor_rollout_ref.model.enable_gradient_checkpointing=False",
+        "actor_rollout_ref.actor.strategy=fsdp2",
+        "actor_rollout_ref.actor.use_torch_compile=False",
+        "actor_rollout_ref.actor.fsdp_config.use_torch_compile=False",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={MINI_BATCH_PROMPTS}",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={MICRO_BATCH}",
+        f"actor_rollout_ref.actor.optim.lr={lr}",
+        "actor_rollout_ref.actor.optim.weight_decay=0.0",
+        f"actor_rollout_ref.rollout.n={ROLLOUT_N}",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4",
+        "actor_rollout_ref.rollout.name=vllm",
+        f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}",
+        "trainer.n_gpus_per_node=1",
+        *extra,
+    ]
+
+
+def make_batch(tokenizer: Any, seed: int = 0) -> Any:
+    """A rollout batch as verl's trainer holds it: left-padded prompts, right-padded responses,
+    GRPO-style sequence advantages (zero on padding)."""
+    import torch
+    from verl.protocol import DataProto
+
+    g = torch.Generator().manual_seed(seed)
+    bsz, vocab, pad = N_PROMPTS * ROLLOUT_N, len(tokenizer), tokenizer.pad_token_id
+    prompts = torch.full((bsz, PROMPT_LEN), pad)
+    responses = torch.full((bsz, RESPONSE_LEN), pad)
+    prompt_mask = torch.zeros(bsz, PROMPT_LEN, dtype=torch.long)
+    response_mask = torch.zeros(bsz, RESPONSE_LEN, dtype=torch.long)
+    for i in range(bsz):
+        pl = int(torch.randint(1, PROMPT_LEN + 1, (), generator=g))
+        rl = int(torch.randint(1, RESPONSE_LEN + 1, (), generator=g))
+        prompts[i, PROMPT_LEN - pl :] = torch.randint(3, vocab, (pl,), generator=g)
+        prompt_mask[i, PROMPT_LEN - pl :] = 1
+        responses[i, :rl] = torch.randint(3, vocab, (rl,), generator=g)
+        response_mask[i, :rl] = 1
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    position_ids = torch.clamp(torch.cumsum(attention_mask, 1) - 1, min=0)
+    advantages = torch.randn(bsz, 1, generator=g).expand(bsz, RESPONSE_LEN) * response_mask
+    batch = DataProto.from_dict(
+        tensors={
+            "prompts": prompts,
+            "responses": responses,
+            "input_ids": torch.cat([prompts, responses], 1),
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "response_mask": response_mask,
+            "advantages": advantages.float().contiguous(),
+        }
+    )
+    # What the rollout / fit loop put in meta_info before the actor sees the batch.
+    batch.meta_info["temperature"] = 1.0
+    batch.meta_info["global_token_num"] = attention_mask.sum(-1).tolist()
+    return batch
+
+
+class LossSpy:
+    """Wraps the registered policy losses; records per call what the loss received and returned."""
+
+    def __init__(self, modes: list[str]) -> None:
+        from verl.trainer.ppo import core_algos
+
+        self.calls: list[dict[str, Any]] = []
+        for mode in modes:
+            fn = core_algos.POLICY_LOSS_REGISTRY[mode]
+            core_algos.POLICY_LOSS_REGISTRY[mode] = self._wrap(mode, fn)
+
+    def _wrap(self, mode: str, fn: Any) -> Any:
+        def spy(**kwargs: Any) -> Any:
+            loss, metrics = fn(**kwargs)
+            self.calls.append(
+                {
+                    "mode": mode,
+                    "log_prob_dtype": str(kwargs["log_prob"].dtype),
+                    "old_log_prob_dtype": str(kwargs["old_log_prob"].dtype),
+                    "old_log_prob": kwargs["old_log_prob"].detach().float().clone(),
+                    "log_prob": kwargs["log_prob"].detach().float().clone(),
+                    "response_mask": kwargs["response_mask"].clone(),
+                    "global_batch_info": dict(kwargs["config"].global_batch_info),
+                    "metrics": {k: float(v) for k, v in metrics.items()},
+                    "loss": float(loss.detach()),
+                }
+            )
+            return loss, metrics
+
+        return spy
+
+
+def build_worker(model_dir: Path, loss_mode: str, lr: float, extra: list[str] = ()) -> Any:
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    config = vcs.compose(overrides(model_dir, loss_mode, lr, list(extra)))
+    worker = ActorRolloutRefWorker(config.actor_rollout_ref, role="actor")
+    worker.init_model()
+    grads: list[dict[str, Any]] = []
+    engine = worker.actor.engine
+
+    def record(optimizer: Any, args: Any, kwargs: Any) -> None:
+        step = {}
+        for name, param in engine.module.named_parameters():
+            if param.grad is not None:
+                grad = param.grad
+                step[name] = (grad.full_tensor() if hasattr(grad, "full_tensor") else grad).clone()
+        grads.append(step)
+
+    engine.optimizer.register_step_pre_hook(record)
+    host = types.SimpleNamespace(config=config, actor_rollout_wg=worker)
+    return host, grads
+
+
+def weights(host: Any) -> dict[str, Any]:
+    module = host.actor_rollout_wg.actor.engine.module
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for n, p in module.named_parameters()
+    }
+
+
+def old_log_prob(host: Any, batch: Any) -> Any:
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+    out, _ = RayPPOTrainer._compute_old_log_prob(host, batch)
+    out.batch.pop("entropys")
+    return out
+
+
+def update(host: Any, batch: Any) -> dict[str, float]:
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+    from verl.utils.metric import reduce_metrics
+
+    output = RayPPOTrainer._update_actor(host, batch)
+    return {k: float(v) for k, v in reduce_metrics(output.meta_info["metrics"]).items()}
+
+
+def v1_bypass_old_log_prob(host: Any, batch: Any) -> tuple[Any, str]:
+    """Run verl 0.9.1's v1 ``PPOTrainer._compute_old_log_prob`` with
+    ``algorithm.rollout_correction.bypass_mode=True``. TransferQueue (the v1 trainer's data store)
+    is not installed here; a dict-backed stand-in for its two calls (``kv_batch_get`` /
+    ``kv_batch_put``) holds the batch. Returns the stored ``old_log_probs`` and the loss_mode the
+    config holds afterwards."""
+    from tensordict import TensorDict
+
+    store: dict[str, TensorDict] = {}
+    if "transfer_queue" not in sys.modules:
+        tq = types.ModuleType("transfer_queue")
+
+        class KVBatchMeta(types.SimpleNamespace):
+            pass
+
+        tq.KVBatchMeta = KVBatchMeta
+        tq.BatchMeta = type("BatchMeta", (), {})
+        sys.modules["transfer_queue"] = tq
+    tq = sys.modules["transfer_queue"]
+
+    def kv_batch_get(keys: list, partition_id: str, select_fields: list[str]) -> TensorDict:
+        return store[partition_id].select(*select_fields).clone()
+
+    def kv_batch_put(keys: list, partition_id: str, fields: TensorDict) -> Any:
+        store[partition_id].update(fields)
+        return meta
+
+    tq.kv_batch_get, tq.kv_batch_put = kv_batch_get, kv_batch_put
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    bsz = batch.batch.batch_size[0]
+    store["train"] = TensorDict(
+        {"rollout_log_probs": batch.batch["rollout_log_probs"].clone()}, batch_size=[bsz]
+    )
+    meta = tq.KVBatchMeta(keys=[str(i) for i in range(bsz)], partition_id="train", tags=[{}] * bsz)
+    PPOTrainer._compute_old_log_prob(host, meta, {})
+    loss_mode = host.config.actor_rollout_ref.actor.policy_loss.loss_mode
+    return store["train"]["old_log_probs"], loss_mode
+
+
+def main(out_dir: Path) -> None:
+    import torch
+
+    t0 = time.time()
+    tmp = Path(tempfile.mkdtemp(prefix="verl_actor_"))
+    vcs.setup(tmp / "init")
+    tokenizer = vcs.save_tiny_model(tmp / "model")
+    spy = LossSpy(["vanilla", "ess", "ess_seq"])
+    result: dict[str, Any] = {"runs": {}}
+
+    # 1. vanilla / ess / ess_seq from the same weights, old_log_prob recomputed by verl.
+    for mode in ("vanilla", "ess", "ess_seq"):
+        host, grads = build_worker(tmp / "model", mode, lr=2e-2)
+        batch = make_batch(tokenizer)
+        batch = batch.union(old_log_prob(host, batch))
+        result.setdefault("initial_weights", weights(host))
+        first = len(spy.calls)
+        metrics = update(host, batch)
+        result["runs"][mode] = {
+            "grads": grads,
+            "metrics": metrics,
+            "calls": spy.calls[first:],
+            "weights": weights(host),
+        }
+
+    # 2. Known off-policy offsets, policy frozen (lr 0): every call's ESS is predictable.
+    host, grads = build_worker(tmp / "model", "ess", lr=0.0)
+    batch = make_batch(tokenizer)
+    recomputed = old_log_prob(host, batch)
+    g = torch.Generator().manual_seed(1)
+    offsets = 0.5 * torch.randn(recomputed.batch["old_log_probs"].shape, generator=g)
+    offsets *= batch.batch["response_mask"]
+    recomputed.batch["old_log_probs"] = recomputed.batch["old_log_probs"] - offsets
+    first = len(spy.calls)
+    metrics = update(host, batch.union(recomputed))
+    result["runs"]["ess_fixed"] = {
+        "grads": grads,
+        "metrics": metrics,
+        "calls": spy.calls[first:],
+        "offsets": offsets,
+        "old_log_probs": recomputed.batch["old_log_probs"].clone(),
+    }
+
+    # 3. Rollout-correction bypass mode (v1 trainer): rollout log-probs become old_log_prob.
+    host, grads = build_worker(
+        tmp / "model",
+        "ess",
+        lr=0.0,
+        extra=[
+            "algorithm.rollout_correction.bypass_mode=True",
+            "actor_rollout_ref.rollout.calculate_log_probs=True",
+        ],
+    )
+    batch = make_batch(tokenizer)
+    recomputed = old_log_prob(host, batch)
+    g = torch.Generator().manual_seed(2)
+    rollout = recomputed.batch["old_log_probs"] + 0.3 * torch.randn(
+        recomputed.batch["old_log_probs"].shape, generator=g
+    )
+    batch.batch["rollout_log_probs"] = rollout * batch.batch["response_mask"]
+    stored, loss_mode = v1_bypass_old_log_prob(host, batch)
+    batch.batch["old_log_probs"] = stored
+    first = len(spy.calls)
+    metrics = update(host, batch)
+    result["runs"]["ess_bypass"] = {
+        "metrics": metrics,
+        "calls": spy.calls[first:],
+        "rollout_log_probs": batch.batch["rollout_log_probs"].clone(),
+        "loss_mode_after": loss_mode,
+        "recomputed": recomputed.batch["old_log_probs"].clone(),
+    }
+
+    result["response_mask"] = batch.batch["response_mask"].clone()
+    result["seconds"] = time.time() - t0
+    torch.save(result, out_dir / "result.pt")
+    print(f"done in {result['seconds']:.1f} s")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
