@@ -210,16 +210,15 @@ def train(args: argparse.Namespace, kind: str, out: Path) -> tuple[list[dict[str
     cycle = args.steps_per_generation * args.num_iterations
     print(
         f"{trainer_cls.__name__}: each generation batch serves {cycle} optimizer steps "
-        f"({args.num_iterations} passes x {args.steps_per_generation} steps). "
-        f"reward = running mean over the last {REWARD_WINDOW} generation batches; "
-        "lag = updates since the batch was sampled"
-        + (
-            "; ESS shown where below 1. Capped fraction, behaviour KL and ratio range: "
-            "metrics.jsonl, read with docs/metrics.md."
-            if kind == "ess"
-            else "."
-        )
+        f"({args.num_iterations} passes x {args.steps_per_generation} steps).\n"
+        f"  reward: running mean over the last {REWARD_WINDOW} generation batches; "
+        "lag: optimizer updates since the batch was sampled"
     )
+    if kind == "ess":
+        print(
+            "  ESS: shown where below 1. Capped fraction, behaviour KL, ratio range: in "
+            "metrics.jsonl; how to read them: docs/metrics.md"
+        )
     start = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - start
@@ -331,7 +330,12 @@ def plot(runs: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
     if records:
         lowest = min([0.9] + [r["ess/mean"] for r in records if "ess/mean" in r])
         ax2.set_ylim(lowest - 0.02, 1.005)
-        ax2.legend(loc="lower left", fontsize=8, title="lag 0 steps: ESS = 1 (not shown)")
+        ax2.legend(
+            loc="lower right",
+            fontsize=8,
+            title="lag 0 steps: ESS = 1 (not shown)",
+            title_fontsize=8,
+        )
     else:
         ax2.text(0.5, 0.5, "GRPOTrainer logs no ESS", ha="center", transform=ax2.transAxes)
     ax2.set_ylabel("ESS")
