@@ -324,6 +324,14 @@ def test_browser_check_catches_what_a_reader_would_meet(
     reason='MkDocs Material / mkdocstrings not installed (pip install -e ".[docs]")',
 )
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
+    import mathjax_assets
+
+    if not (
+        os.environ.get("ESS_PO_MATHJAX_DIR")
+        or (mathjax_assets.cache_dir() / "package").is_dir()
+        or shutil.which("npm")
+    ):
+        pytest.skip("MathJax is neither cached nor obtainable: install Node.js/npm")
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
         cwd=ROOT,
@@ -333,3 +341,16 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "api" / "index.html").is_file()
+    # MathJax is served with the site, and no page loads anything from elsewhere
+    assert (tmp_path / "javascripts" / "mathjax" / "tex-chtml.js").stat().st_size > 100_000
+    pages = {p: p.read_text() for p in tmp_path.rglob("*.html")}
+    for page, html in pages.items():
+        assert not re.search(r"<script[^>]+src=\"https?:", html), page
+    # every committed figure of a results folder is shown on the page that inlines the folder
+    benchmarks = pages[tmp_path / "benchmarks" / "index.html"]
+    for marker in re.findall(r"<!-- results: ([\w./-]+) -->", (DOCS / "benchmarks.md").read_text()):
+        for png in sorted((DOCS / marker).glob("*.png")):
+            assert f'src="../{marker}/{png.name}"' in benchmarks, png
+    # one table of contents holds no two identical headings
+    headings = re.findall(r"<h[2-5] id=\"[^\"]*\">(.*?)<a class=\"headerlink\"", benchmarks)
+    assert headings and len(headings) == len(set(headings)), headings
