@@ -375,10 +375,11 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="ess-po-chromium-") as profile,
         contextlib.ExitStack() as stack,
     ):
-        base = args.url or stack.enter_context(serve(site))
-        base = base.rstrip("/") + "/"
+        # Chromium first: its start forks (preexec_fn), which is safest before the server thread
         tools = DevTools(executable, profile)
         stack.callback(tools.close)
+        base = args.url or stack.enter_context(serve(site))
+        base = base.rstrip("/") + "/"
         version = tools.call("Browser.getVersion")["product"]
         print(f"{version}; {len(pages)} pages from {base}")
         for page in pages:
