@@ -13,7 +13,7 @@ python3 -m venv .venv-latest
 . .venv-latest/bin/activate
 python -m pip install -q --upgrade pip
 
-echo "== install (constraints-latest.txt)"
+echo "== install (constraints-latest.txt) ($SECONDS s)"
 pip install -q -c constraints-latest.txt -e ".[trl,test]"
 
 echo "== versions"
@@ -29,7 +29,17 @@ if python -c "import verl" 2>/dev/null; then
     exit 1
 fi
 
-echo "== TRL contract test (must run here, not skip)"
+echo "== no downgrade: the trl extra, without constraints, changes nothing but ess-po ($SECONDS s)"
+would=$(pip install --dry-run -e ".[trl]" 2>/dev/null | sed -n 's/^Would install //p')
+echo "would install: ${would:-nothing}"
+for dist in $would; do
+    case "$dist" in
+        ess-po-*) ;;
+        *) echo "installing the trl extra would change $dist" >&2; exit 1 ;;
+    esac
+done
+
+echo "== TRL contract test (must run here, not skip) ($SECONDS s)"
 log=$(mktemp)
 python -m pytest -q -p no:cacheprovider -rs tests/test_trl_contract.py | tee "$log"
 if grep -q SKIPPED "$log"; then
@@ -37,5 +47,6 @@ if grep -q SKIPPED "$log"; then
     exit 1
 fi
 
-echo "== tests: the whole suite (verl and docs modules skip: not installed here)"
+echo "== tests: the whole suite (verl and docs modules skip: not installed here) ($SECONDS s)"
 python -m pytest -q -p no:cacheprovider
+echo "== matrix cell done in $SECONDS s"

@@ -106,8 +106,8 @@ def test_constraints_latest_pins_a_newer_transformers() -> None:
 
 
 def test_build_outputs_are_ignored_by_git() -> None:
-    """`mkdocs build` (site/) and benchmarks/loss_cost.py's default --out stay out of
-    `git status`."""
+    """`mkdocs build` (site/), benchmark output under benchmarks/results/ and the matrix venv
+    stay out of `git status`."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     paths = ["site/index.html", "benchmarks/results/loss_cost.json", ".venv-latest/bin/python"]
