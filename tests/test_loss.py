@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from conftest import make_batch
 from reference import naive_ess_loss, reinforce_loss
 
-from ess_po import ess_policy_loss
+from ess_po import ess_policy_loss, ess_stats
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"]
 SCOPES = ["batch", "sequence"]
@@ -90,9 +91,9 @@ def test_low_precision_inputs(dtype: torch.dtype, scope: str) -> None:
 def test_gradcheck_float64(mode: str, scope: str) -> None:
     """Finite differences see the stop-gradient parts (ESS, the cap) move, so gradcheck applies
     where their derivatives vanish: every ratio equal and above 1. There ESS = 1 is at its
-    maximum (zero derivative), every weight is capped at ESS, and the fused closed-form backward
-    must equal the numerical derivative of the loss. Away from that point the gradient is
-    checked against the naive autograd reference (test_matches_reference_float64)."""
+    maximum (zero derivative), every weight is capped at ESS, and autograd's gradient must equal the numerical derivative of the loss. Away from that point the gradient is
+    checked against the naive autograd reference (test_matches_reference_float64), and the
+    second derivative in test_core_numerics.test_hessian_matches_float64_reference."""
     b = make_batch(3, 5, seed=7, adv_shape="BT")
     lo = b.logp_new.detach() - 0.3  # all ratios e^0.3 > ESS = 1
 
@@ -314,13 +315,17 @@ def test_cap_is_one_sided() -> None:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("scope", [*SCOPES, "step"])
 def test_compiled_fullgraph_matches_eager(scope: str) -> None:
     """One implementation: under torch.compile(fullgraph=True) the values, diagnostics,
     gradients and NaN semantics are those of eager mode (masked garbage is dropped, a NaN at a
-    valid position reaches the loss)."""
+    valid position reaches the loss). "step": batch scope with precomputed ``stats``."""
     b = make_batch(4, 16, seed=12, dtype=torch.float32, empty_rows=1)
-    fn = torch.compile(ess_policy_loss, fullgraph=True, dynamic=False)
+    kwargs = {"ess_scope": scope} if scope != "step" else {}
+    if scope == "step":
+        kwargs["stats"] = ess_stats(b.logp_new.detach() - b.logp_old + 0.1, b.mask)
+    compiled = torch.compile(ess_policy_loss, fullgraph=True, dynamic=False)
+    fn = functools.partial(compiled, **kwargs)
     lp_dirty = b.logp_new.detach().clone()
     lp_dirty[~b.mask] = float("nan")
     adv = b.advantages.clone()
@@ -330,8 +335,8 @@ def test_compiled_fullgraph_matches_eager(scope: str) -> None:
     for lp, a in ((b.logp_new.detach(), b.advantages), (lp_dirty, adv), (lp_nan, b.advantages)):
         lp_e = lp.clone().requires_grad_(True)
         lp_c = lp.clone().requires_grad_(True)
-        eager = ess_policy_loss(lp_e, b.logp_old, a, b.mask, ess_scope=scope)
-        comp = fn(lp_c, b.logp_old, a, b.mask, ess_scope=scope)
+        eager = ess_policy_loss(lp_e, b.logp_old, a, b.mask, **kwargs)
+        comp = fn(lp_c, b.logp_old, a, b.mask)
         for name in eager._fields:
             torch.testing.assert_close(
                 getattr(comp, name), getattr(eager, name), msg=name, equal_nan=True
