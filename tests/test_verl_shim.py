@@ -191,11 +191,13 @@ def test_entry_point_is_declared() -> None:
     assert eps["ess"] == "ess_po.integrations.verl"
 
 
+@pytest.mark.slow
 def test_import_verl_registers_ess_via_entry_point(fresh_probes: dict) -> None:
     """A fresh ``import verl`` (nothing imported the shim) makes ``loss_mode=ess`` resolvable."""
     assert _probe_result(fresh_probes, "entry_point") == _PROBE_OK
 
 
+@pytest.mark.slow
 def test_external_modules_fallback_registers_ess(fresh_probes: dict) -> None:
     """With entry-point discovery disabled, ``VERL_USE_EXTERNAL_MODULES`` still registers ``ess``."""
     assert _probe_result(fresh_probes, "external_modules") == _PROBE_OK
@@ -542,6 +544,7 @@ _GLOO_WORKER = """
 """
 
 
+@pytest.mark.slow
 def test_gloo_two_ranks_match_single_process(tmp_path: Path) -> None:
     """Property: two data-parallel ranks (gloo), each with half of an off-policy mini-batch and
     verl's global batch info (dp_size=2): ESS is all-reduced, so each rank's ``actor/ess`` equals
