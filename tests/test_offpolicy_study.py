@@ -237,3 +237,16 @@ def test_collapse_rule():
     assert not train.collapsed([0.2, 0.8, 0.3])  # one point below half the peak is not enough
     assert not train.collapsed([0.2, 0.8, 0.3, 0.5])  # recovered
     assert not train.collapsed([0.2, 0.4, 0.8])
+
+
+def test_ablations_drop_the_regulariser_or_the_cap():
+    """``tail="none"`` leaves the capped score-function term alone; ``cap=False`` weights by w."""
+    new, old, adv, mask = _batch(2)
+    full, ess = M.ess_variant_loss(new, old, adv, mask)
+    noreg, _ = M.ess_variant_loss(new, old, adv, mask, tail="none")
+    reg = (1 - ess) * (M.k3(new - old) * mask).sum() / mask.sum()
+    torch.testing.assert_close(full - noreg, reg)
+    nocap, _ = M.ess_variant_loss(new, old, adv, mask, cap=False)
+    w = (new - old).detach().exp()
+    pg = -(w * adv.unsqueeze(-1) * new * mask).sum() / mask.sum()
+    torch.testing.assert_close(nocap, pg + reg)

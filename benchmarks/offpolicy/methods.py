@@ -64,6 +64,7 @@ class Method:
     micro_batch: int = 0
     scope: str = "call"
     in_grid: bool = False
+    cap: bool = True
 
     @property
     def is_ess(self) -> bool:
@@ -81,7 +82,9 @@ def k3(d: torch.Tensor, *, tail: str = "linear", threshold: float = 50.0) -> tor
         return d + inner + math.exp(threshold) * torch.clamp(-threshold - d, min=0.0)
     if tail == "clamp":
         return d + torch.expm1(torch.clamp(-d, -threshold, threshold))
-    raise ValueError(f"tail must be 'linear' or 'clamp', got {tail!r}")
+    if tail == "none":  # ablation: no regulariser
+        return torch.zeros_like(d)
+    raise ValueError(f"tail must be 'linear', 'clamp' or 'none', got {tail!r}")
 
 
 def ess_variant_loss(
@@ -94,18 +97,20 @@ def ess_variant_loss(
     threshold: float = 50.0,
     ess: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
+    cap: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""ESS objective, token-mean: :math:`\frac1N\sum_t -\mathrm{sg}(\min(w_t, \mathrm{ESS}))A_t
     \log\pi_\theta + (1-\mathrm{ESS})k_3(d_t)`; returns ``(loss, ess)``.
 
     ``ess``: precomputed (step-scope) ESS; default: the ESS of this call's valid tokens.
-    ``normalizer``: :math:`N`; default: this call's valid-token count.
+    ``normalizer``: :math:`N`; default: this call's valid-token count. ``cap=False``
+    (ablation): weight :math:`w_t` instead of :math:`\min(w_t, \mathrm{ESS})`.
     """
     m = mask.to(logp.dtype)
     d = logp - behaviour
     if ess is None:
         ess = effective_sample_size(d.detach(), mask)
-    rho = torch.minimum(d.detach().exp(), ess)
+    rho = torch.minimum(d.detach().exp(), ess) if cap else d.detach().exp()
     per_token = -rho * advantages.unsqueeze(-1) * logp + (1.0 - ess) * k3(
         d, tail=tail, threshold=threshold
     )
@@ -147,6 +152,7 @@ def policy_loss(
             threshold=method.threshold,
             ess=ess,
             normalizer=normalizer,
+            cap=method.cap,
         )
         return loss, {"call_ess": float(e)}
     if normalizer is not None:
@@ -201,6 +207,17 @@ METHODS: dict[str, Method] = {
     )
 }
 """The full study's methods."""
+
+ABLATION_METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("ess-noreg", "ess-ref", tail="none"),
+        Method("ess-nocap", "ess-ref", cap=False),
+    )
+}
+r"""Ablations of the ESS objective (not in the default run; ``--methods ess-noreg ...``):
+without the regulariser, and with the uncapped weight :math:`w` in place of
+:math:`\min(w, \mathrm{ESS})`."""
 
 QUICK_METHODS = (
     "ess",

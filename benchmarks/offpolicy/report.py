@@ -19,9 +19,10 @@ def _mean_std(xs) -> tuple[float, float]:
 
 
 def verdict(a: tuple[float, float], b: tuple[float, float]) -> str:
-    """Compare mean±std ``a`` (ESS) with ``b``: tie when the gap is within the larger std."""
+    """Compare mean±std ``a`` (ESS) with ``b``: tie when the gap is within the larger std
+    (or within 0.005, for runs whose seeds agree to rounding)."""
     gap = a[0] - b[0]
-    if abs(gap) <= max(a[1], b[1]):
+    if abs(gap) <= max(a[1], b[1], 0.005):
         return "tie (within spread)"
     return "ESS higher" if gap > 0 else "ESS lower"
 
@@ -160,7 +161,7 @@ def markdown(result: dict[str, Any], notes: Sequence[str] = ()) -> str:
         "temperature-1 sample each); mean ± std over seeds. Tuned clip = best point of the clip "
         "grid per condition, chosen on these same seeds (optimistic for the baseline); untuned "
         "clip = grid average (± std over all grid runs). Verdict: tie when the gap is within "
-        "the larger std. Collapse = eval reward below half its peak for the last >= 2 "
+        "the larger std (or 0.005). Collapse = eval reward below half its peak for the last >= 2 "
         "evaluations.",
         "",
         *notes,

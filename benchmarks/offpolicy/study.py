@@ -19,6 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -36,7 +37,14 @@ from offpolicy.conditions import (
     SUBSETS,
     Condition,
 )
-from offpolicy.methods import CORRECTION_CAP, METHODS, PHASE2_METHODS, QUICK_METHODS, Method
+from offpolicy.methods import (
+    ABLATION_METHODS,
+    CORRECTION_CAP,
+    METHODS,
+    PHASE2_METHODS,
+    QUICK_METHODS,
+    Method,
+)
 from offpolicy.train import StudyConfig, run_cell, warm_start_state
 
 
@@ -76,7 +84,7 @@ def environment(argv: Sequence[str]) -> dict[str, Any]:
     import transformers
 
     return {
-        "command": "python benchmarks/offpolicy_study.py " + " ".join(argv),
+        "command": shlex.join(["python", "benchmarks/offpolicy_study.py", *argv]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_count": os.cpu_count(),
@@ -255,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         conditions = {k: CONDITIONS[k] for k in args.conditions}
     if args.methods:
         method_names = args.methods
-    methods = [METHODS[m] for m in method_names]
+    methods = [(METHODS | ABLATION_METHODS)[m] for m in method_names]
     seeds = list(range(args.seeds))
     results = {}
     ctx = mp.get_context("spawn")
