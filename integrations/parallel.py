@@ -2,7 +2,8 @@ r"""Which ranks one ESS is all-reduced over, for every parallel layout.
 
 The ESS of a step is one number over exactly the tokens of that step, the same on every rank
 that computes the loss. The core combines the per-rank statistics with one all-reduce
-(:func:`ess_po.all_reduce_stats`) over a ``torch.distributed`` group; this module picks that group.
+(:func:`ess_po.all_reduce_stats`) over a ``torch.distributed`` group; this module picks that group
+(ESS as in Fakoor, Aubry, Stranges, Smola, 2026, "Trust the Batch, On- or Off-Policy").
 The rule, for a rank that computes the loss:
 
 * ranks holding **disjoint** tokens of the step (data parallel, context parallel when the loss
@@ -17,14 +18,11 @@ The rule, for a rank that computes the loss:
 
 Layouts (``tests/test_parallel_layouts.py`` runs each on 4 gloo processes):
 
-=================================  ==============================================================
-layout                             group
-=================================  ==============================================================
-one process, DDP, FSDP, FSDP +     the default (world) group: every rank computes the loss;
-Ulysses sequence parallel          Ulysses ranks hold all-gathered, identical log-probs
-Megatron-core ``parallel_state``   ``get_data_parallel_group(with_context_parallel=True)``: the
-initialised (TP, PP, CP, DP, EP)   DP x CP ranks of this rank's pipeline stage and TP rank
-=================================  ==============================================================
+* one process, DDP, FSDP, FSDP + Ulysses sequence parallel: the default (world) group. Every
+  rank computes the loss; Ulysses ranks hold all-gathered, identical log-probs.
+* Megatron-core ``parallel_state`` initialised (TP, PP, CP, DP, EP):
+  ``get_data_parallel_group(with_context_parallel=True)``, the DP x CP ranks of this rank's
+  pipeline stage and tensor-parallel rank.
 
 For Megatron the data-parallel group *without* context parallelism is wrong when the loss sees
 the local chunk of each sequence (Megatron's ``get_batch_on_this_cp_rank`` split): the CP ranks
