@@ -121,7 +121,7 @@ def masked_stats(
     the shifted ratios ``exp(log_ratio - shift)`` (0 at masked positions).
 
     ``dim`` is ``None`` or a dimension. Masked positions may hold anything: they
-    are replaced by ``-inf`` before any arithmetic. Shifting by the maximum makes every exponent
+    are replaced by ``-inf`` for the maximum and by 0 after the exponential. Shifting by the maximum makes every exponent
     <= 0: no overflow, and the largest term is 1. A NaN or ``+inf`` at a valid position makes
     the statistics NaN (never silently dropped).
     """
@@ -130,7 +130,10 @@ def masked_stats(
     shift = reduce_or(masked, "amax", dim, float("-inf"))
     # Empty sets have a max of -inf: shift them by 0 so that exp(-inf - 0) = 0, not NaN.
     shift = torch.where(shift == float("-inf"), 0.0, shift)
-    e = torch.exp(masked - (shift if dim is None else shift.unsqueeze(dim)))
+    # exp of the -inf padding is several times slower than of a finite number on CPU, so the
+    # exponent is formed from log_ratio itself and masked positions are zeroed after.
+    e = torch.exp(log_ratio - (shift if dim is None else shift.unsqueeze(dim)))
+    e = torch.where(valid, e, 0.0)
     count = valid.sum(dim=dim).to(log_ratio.dtype)
     # Sums of products, not dot/vecdot: those are on autocast's lower-precision list.
     s1, s2 = e.sum(dim=dim), (e * e).sum(dim=dim)
