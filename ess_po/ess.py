@@ -120,9 +120,9 @@ def masked_stats(
     """Statistics of ``log_ratio`` (detached, compute dtype) at ``valid`` (bool) positions, and
     the shifted ratios ``exp(log_ratio - shift)`` (0 at masked positions).
 
-    ``dim`` is ``None`` or a dimension. Masked positions may hold anything: they
-    are replaced by ``-inf`` for the maximum and by 0 after the exponential. Shifting by the maximum makes every exponent
-    <= 0: no overflow, and the largest term is 1. A NaN or ``+inf`` at a valid position makes
+    ``dim`` is ``None`` or a dimension. Masked positions may hold anything: they are replaced
+    by ``-inf`` for the maximum and by 0 after the exponential. Shifting by the maximum makes
+    every exponent <= 0: no overflow, and the largest term is 1. A NaN or ``+inf`` at a valid position makes
     the statistics NaN (never silently dropped).
     """
     dim = None if dim is None else dim % log_ratio.dim()

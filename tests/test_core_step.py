@@ -107,3 +107,12 @@ def test_stats_validation() -> None:
     nan = ESSStats(*(torch.tensor(float("nan"), dtype=torch.float64) for _ in range(4)))
     with pytest.raises(ValueError, match=r"stats.*not finite"):
         ess_policy_loss(new, old, adv, mask, stats=nan, check_values=True)
+
+
+def test_step_stats_needs_a_part_and_merges_empty_ones() -> None:
+    with pytest.raises(ValueError, match=r"step_stats got no \(log_ratio, mask\) pairs"):
+        step_stats([])
+    lw = torch.tensor([[0.0, 1.0, -2.0]])
+    empty = (torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.bool))
+    for a, b in zip(step_stats([empty, (lw, None), empty]), ess_stats(lw), strict=True):
+        torch.testing.assert_close(a, b)
