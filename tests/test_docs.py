@@ -108,6 +108,7 @@ def test_public_api_is_documented_on_the_site() -> None:
 
 
 def test_results_include_tolerates_missing_folders(tmp_path: Path) -> None:
+    pytest.importorskip("mkdocs")  # the hooks import MkDocs (docs extra)
     import mkdocs_hooks
 
     (tmp_path / "results" / "a").mkdir(parents=True)
@@ -129,6 +130,7 @@ def test_results_show_figures_the_text_only_names(tmp_path: Path) -> None:
     """A figure named in code (`x.png`) is still shown, after the headline section, with the
     text's description as caption; the setup moves below the headline; repeated titles get
     the file's qualifier (the off-policy page showed no plot; two identical headings)."""
+    pytest.importorskip("mkdocs")  # the hooks import MkDocs (docs extra)
     import mkdocs_hooks
 
     folder = tmp_path / "results" / "study"
@@ -160,6 +162,7 @@ def _table_lines(text: str) -> list[list[str]]:
 
 
 def test_wide_tables_are_reshaped() -> None:
+    pytest.importorskip("mkdocs")  # the hooks import MkDocs (docs extra)
     import mkdocs_hooks
 
     header = ["condition", *[f"m{i}" for i in range(10)]]
