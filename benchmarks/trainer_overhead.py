@@ -8,8 +8,14 @@ callback, the first ``--warmup`` steps are dropped, and each run contributes its
 time (generation steps and reuse steps alike, as a user experiences them). Reported: the median over repetitions of the per-repetition ratio ESS / GRPO, and its
 spread (min, max), with torch/trl/transformers versions, device and thread count.
 
+``--trainers ess,ess-step,grpo`` adds ``ESSGRPOTrainer`` with ``ess_window="step"`` (one ESS per
+optimizer step) and splits step times by kind: *generation* steps (the first optimizer step after
+a generation, where the step statistics come free from TRL's recomputed log-probs) and *reuse*
+steps (later iterations over the batch, where they cost one no-grad forward per micro-batch).
+
     python benchmarks/trainer_overhead.py --output-dir outputs/bench
     python benchmarks/trainer_overhead.py --quick
+    python benchmarks/trainer_overhead.py --trainers ess,ess-step,grpo --output-stem step_window
 """
 
 from __future__ import annotations
@@ -40,7 +46,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="3 repeats x 12 steps (smoke run)")
+    p.add_argument(
+        "--trainers",
+        default="ess,grpo",
+        help="comma-separated: ess, ess-step, grpo (first: baseline)",
+    )
+    p.add_argument("--output-stem", default="trainer_overhead", help="file name of JSON/Markdown")
     args = p.parse_args(argv)
+    args.trainers = args.trainers.split(",")
+    unknown = set(args.trainers) - set(TRAINERS)
+    if unknown or "grpo" not in args.trainers:
+        p.error(f"--trainers takes {sorted(TRAINERS)} and must include grpo, got {args.trainers}")
     if args.quick:
         args.repeats, args.steps, args.warmup = 3, 12, 3
     if args.steps <= args.warmup:
@@ -48,17 +64,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_once(trainer_name: str, args: argparse.Namespace, workdir: Path) -> list[float]:
-    """Train one fresh tiny model; return the wall time of each optimizer step (seconds)."""
+TRAINERS = {
+    "ess": "ESSGRPOTrainer",
+    "ess-step": 'ESSGRPOTrainer, ess_window="step"',
+    "grpo": "GRPOTrainer (dapo)",
+}
+
+
+def run_once(trainer_name: str, args: argparse.Namespace, workdir: Path) -> list[tuple[int, float]]:
+    """Train one fresh tiny model; return (global step, wall seconds) of each optimizer step."""
     import torch
     from ess_po.integrations import tiny
-    from ess_po.integrations.trl import ESSGRPOTrainer
+    from ess_po.integrations.trl import ESSGRPOConfig, ESSGRPOTrainer
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     tokenizer = tiny.build_tiny_tokenizer()
     model = tiny.build_tiny_model(tokenizer, hidden_size=args.hidden_size, seed=args.seed)
-    config = GRPOConfig(
+    extra = {"ess_window": "step"} if trainer_name == "ess-step" else {}
+    config = (ESSGRPOConfig if trainer_name != "grpo" else GRPOConfig)(
         output_dir=str(workdir / trainer_name),
         per_device_train_batch_size=args.batch_size,
         num_generations=args.num_generations,
@@ -74,16 +98,17 @@ def run_once(trainer_name: str, args: argparse.Namespace, workdir: Path) -> list
         bf16=torch.cuda.is_available(),
         disable_tqdm=True,
         log_level="error",
+        **extra,
     )
-    cls = {"ess": ESSGRPOTrainer, "grpo": GRPOTrainer}[trainer_name]
-    times: list[float] = []
+    cls = GRPOTrainer if trainer_name == "grpo" else ESSGRPOTrainer
+    times: list[tuple[int, float]] = []
 
     class Timer(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            self.start = time.perf_counter()
+        def on_step_begin(self, args, state, control, **__):
+            self.step, self.start = state.global_step, time.perf_counter()
 
         def on_step_end(self, *_, **__):
-            times.append(time.perf_counter() - self.start)
+            times.append((self.step, time.perf_counter() - self.start))
 
     trainer = cls(
         model=model,
@@ -109,37 +134,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    runs: dict[str, list[float]] = {"ess": [], "grpo": []}
-    ratios: list[float] = []
+    names = args.trainers
+    # mean step time per repetition: all steps, generation steps, reuse steps
+    runs: dict[str, dict[str, list[float]]] = {n: {k: [] for k in KINDS} for n in names}
+    ratios: dict[str, list[float]] = {n: [] for n in names if n != "grpo"}
     scratch = tempfile.TemporaryDirectory(prefix="ess-po-overhead-")  # trainer output dirs
     for rep in range(args.repeats):
-        order = ("ess", "grpo") if rep % 2 == 0 else ("grpo", "ess")
-        medians = {}
+        order = names if rep % 2 == 0 else names[::-1]  # interleaved
+        means = {}
         for name in order:
-            times = run_once(name, args, Path(scratch.name))[args.warmup :]
-            medians[name] = statistics.fmean(times)
-            runs[name].append(medians[name])
-        ratios.append(medians["ess"] / medians["grpo"])
+            timed = run_once(name, args, Path(scratch.name))[args.warmup :]
+            kinds = {
+                "all": [t for _, t in timed],
+                "generation": [t for k, t in timed if k % args.num_iterations == 0],
+                "reuse": [t for k, t in timed if k % args.num_iterations != 0],
+            }
+            for kind, values in kinds.items():
+                if values:
+                    runs[name][kind].append(statistics.fmean(values))
+            means[name] = statistics.fmean(kinds["all"])
+        for name in ratios:
+            ratios[name].append(means[name] / means["grpo"])
         print(
-            f"rep {rep + 1}/{args.repeats}: ess {medians['ess'] * 1e3:.1f} ms/step, "
-            f"grpo {medians['grpo'] * 1e3:.1f} ms/step, ratio {ratios[-1]:.3f}",
+            f"rep {rep + 1}/{args.repeats}: "
+            + ", ".join(f"{n} {means[n] * 1e3:.1f} ms/step" for n in names),
             flush=True,
         )
 
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     result = {
-        "ratio_ess_over_grpo": {
-            "median": statistics.median(ratios),
-            "min": min(ratios),
-            "max": max(ratios),
-            "per_repeat": ratios,
+        "ratio_over_grpo": {
+            name: {
+                "median": statistics.median(v),
+                "min": min(v),
+                "max": max(v),
+                "per_repeat": v,
+            }
+            for name, v in ratios.items()
         },
         "step_time_ms": {
             name: {
-                "median": statistics.median(v) * 1e3,
-                "min": min(v) * 1e3,
-                "max": max(v) * 1e3,
+                kind: {
+                    "median": statistics.median(v) * 1e3,
+                    "min": min(v) * 1e3,
+                    "max": max(v) * 1e3,
+                }
+                for kind, v in by_kind.items()
+                if v
             }
-            for name, v in runs.items()
+            for name, by_kind in runs.items()
         },
         "settings": {k: v for k, v in vars(args).items() if k != "output_dir"},
         "environment": {
@@ -152,16 +195,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "command": "python " + " ".join(sys.argv),
+            "load_average_at_end": load,
         },
     }
-    (out / "trainer_overhead.json").write_text(json.dumps(result, indent=2))
-    (out / "trainer_overhead.md").write_text(markdown(result))
+    (out / f"{args.output_stem}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{args.output_stem}.md").write_text(markdown(result))
     print(markdown(result))
     return result
 
 
+KINDS = ("all", "generation", "reuse")
+
+
 def markdown(result: dict[str, Any]) -> str:
-    r, s, e = result["ratio_ess_over_grpo"], result["settings"], result["environment"]
+    s, e = result["settings"], result["environment"]
     lines = [
         "# ESSGRPOTrainer vs GRPOTrainer: end-to-end step time",
         "",
@@ -169,20 +216,34 @@ def markdown(result: dict[str, Any]) -> str:
         f"num_iterations={s['num_iterations']}, {s['steps']} steps/run ({s['warmup']} warm-up dropped), "
         f"{s['repeats']} interleaved repeats. torch {e['torch']}, trl {e['trl']}, "
         f"transformers {e['transformers']}, {e['device']} ({e['cpu']}), {e['torch_threads']} thread(s); "
-        f"{e.get('date', '')}: `{e.get('command', '')}`.",
+        f"{e.get('date', '')}: `{e.get('command', '')}`"
+        + (
+            f"; load average at the end {e['load_average_at_end'][0]:.1f}."
+            if e.get("load_average_at_end")
+            else "."
+        ),
         "",
-        "| trainer | step time (ms), median over repeats | min | max |",
+        "Step time (ms), median over repeats [min, max]; *generation*: the first optimizer step after "
+        "a generation; *reuse*: the later iterations over the same batch.",
+        "",
+        "| trainer | all steps | generation steps | reuse steps |",
         "|---|---|---|---|",
     ]
-    for name, label in (("grpo", "GRPOTrainer (dapo)"), ("ess", "ESSGRPOTrainer")):
+    labels = {**TRAINERS}
+    for name in [n for n in ("grpo", "ess", "ess-step") if n in result["step_time_ms"]]:
         t = result["step_time_ms"][name]
-        lines.append(f"| {label} | {t['median']:.1f} | {t['min']:.1f} | {t['max']:.1f} |")
-    lines += [
-        "",
-        f"**Ratio ESS / GRPO (median of per-repeat ratios): {r['median']:.3f}** "
-        f"(min {r['min']:.3f}, max {r['max']:.3f}).",
-        "",
-    ]
+        cells = [
+            f"{t[k]['median']:.1f} [{t[k]['min']:.1f}, {t[k]['max']:.1f}]" if k in t else "-"
+            for k in KINDS
+        ]
+        lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for name, r in result["ratio_over_grpo"].items():
+        lines.append(
+            f"**{labels[name]} / GRPOTrainer (median of per-repeat ratios, all steps): "
+            f"{r['median']:.3f}** (min {r['min']:.3f}, max {r['max']:.3f})."
+        )
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -11,12 +11,16 @@ evaluation are TRL's, unchanged. Only the policy objective in ``_compute_loss`` 
 per-token log-probabilities are computed with TRL's own ``_get_per_token_logps_and_entropies``
 and passed to :func:`ess_po.ess_policy_loss`. Requires the ``trl`` extra (TRL 1.16).
 
-See ``docs/trl.md`` for the mapping of GRPOConfig options.
+ESS options (``ess_scope``, ``ess_window``, ``use_sampling_logps``, ``ess_check_values``) are
+fields of :class:`ESSGRPOConfig`, a ``GRPOConfig`` subclass; the trainer's constructor is
+``GRPOTrainer``'s. See ``docs/trl.md`` for the mapping of GRPOConfig options.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -30,9 +34,9 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         'ess-po (pip install "ess-po[trl]" once released).'
     ) from err
 
-from ess_po import ess_policy_loss
+from ess_po import ESSStats, ess_policy_loss, step_stats
 
-__all__ = ["SUPPORTED_LOSS_TYPES", "ESSGRPOTrainer"]
+__all__ = ["SUPPORTED_LOSS_TYPES", "ESSGRPOConfig", "ESSGRPOTrainer"]
 
 #: TRL ``loss_type`` values whose *normalisation* ESSGRPOTrainer reproduces (their clipping is
 #: replaced by the ESS objective). Maps to the core's ``loss_agg_mode``.
@@ -73,10 +77,100 @@ _ESS_METRICS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+_ESS_SCOPES = ("batch", "sequence")
+_ESS_WINDOWS = ("micro_batch", "step")
+
+
+@dataclass
+class ESSGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus the options of the ESS objective (all optional).
+
+    ``ESSGRPOTrainer`` also takes a plain ``GRPOConfig``; the fields below then keep their
+    defaults. Every ``GRPOConfig`` field keeps its meaning (see ``docs/trl.md`` for the mapping).
+
+    Args:
+        ess_scope: ``"batch"`` (default: one ESS over the valid tokens of the loss call, all-reduced
+            over data-parallel ranks) or ``"sequence"`` (one ESS per sequence); passed to
+            :func:`ess_po.ess_policy_loss`.
+        use_sampling_logps: when the inputs carry the rollout engine's log-probabilities
+            (``sampling_per_token_logps``: vLLM or a custom rollout), use them as the behaviour
+            policy of the ESS objective (default ``True``). ``False`` keeps TRL's behaviour policy
+            (``old_per_token_logps``) and TRL's importance-sampling ratio as a token weight.
+        ess_window: the tokens one batch ESS is computed over. ``"micro_batch"`` (default, as
+            the authors' reference implementation): each loss call's tokens, all-reduced over
+            data-parallel ranks, so the ESS depends on ``per_device_train_batch_size``.
+            ``"step"``: all valid tokens of the optimizer step (every gradient-accumulation
+            micro-batch, every rank), computed before the step's first backward: free on the
+            first optimizer step after a generation when TRL's ``old_per_token_logps`` are in the
+            inputs (or not needed), else one no-grad forward per micro-batch. Needs
+            ``ess_scope="batch"`` and ``steps_per_generation`` a multiple of
+            ``gradient_accumulation_steps``.
+        ess_check_values: enable the core's host-syncing value checks (debugging only).
+    """
+
+    ess_scope: str = field(
+        default="batch",
+        metadata={
+            "help": "'batch' (one ESS per loss call, over all ranks) or 'sequence' (one ESS per sequence)."
+        },
+    )
+    use_sampling_logps: bool = field(
+        default=True,
+        metadata={
+            "help": "Use the rollout engine's log-probabilities as the ESS behaviour policy when present."
+        },
+    )
+    ess_window: str = field(
+        default="micro_batch",
+        metadata={
+            "help": "'micro_batch' (one ESS per loss call) or 'step' (one ESS per optimizer step)."
+        },
+    )
+    ess_check_values: bool = field(
+        default=False,
+        metadata={
+            "help": "Check loss inputs for non-finite values (synchronises with the device)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _validate_ess_options(self)
+
+
+def _validate_ess_options(args: Any) -> None:
+    scope = getattr(args, "ess_scope", "batch")
+    if scope not in _ESS_SCOPES:
+        raise ValueError(
+            f"ess_scope must be one of {_ESS_SCOPES}, got {scope!r}. Use 'batch' for one ESS per loss call "
+            "or 'sequence' for one ESS per sequence."
+        )
+    window = getattr(args, "ess_window", "micro_batch")
+    if window not in _ESS_WINDOWS:
+        raise ValueError(
+            f"ess_window must be one of {_ESS_WINDOWS}, got {window!r}. Use 'micro_batch' for one ESS per "
+            "loss call or 'step' for one ESS per optimizer step."
+        )
+    if window == "step":
+        if scope != "batch":
+            raise ValueError(
+                f"ess_window='step' pools one batch ESS over the optimizer step; it needs ess_scope='batch', "
+                f"got ess_scope={scope!r}. Use ess_window='micro_batch' with a per-sequence ESS."
+            )
+        spg, accum = args.steps_per_generation, args.gradient_accumulation_steps
+        if spg is not None and spg % accum != 0:
+            raise ValueError(
+                f"ess_window='step' needs every optimizer step's micro-batches generated before its first "
+                f"backward: steps_per_generation ({spg}) must be a multiple of gradient_accumulation_steps "
+                f"({accum}). Set steps_per_generation to {accum} (TRL's default) or a multiple of it."
+            )
+
+
 def _validate_args(args: GRPOConfig | None) -> None:
     """Refuse options that would bypass or contradict the ESS objective; warn on inert ones."""
     if args is None:  # GRPOTrainer builds a default GRPOConfig: nothing to check
         return
+    _validate_ess_options(args)
     if getattr(args, "use_liger_kernel", False):
         raise ValueError(
             "ESSGRPOTrainer does not support `use_liger_kernel=True`: a Liger GRPO loss computes the "
@@ -98,7 +192,8 @@ def _validate_args(args: GRPOConfig | None) -> None:
         raise ValueError(
             "ESSGRPOTrainer computes token-level ratios with a batch-level ESS; "
             f"importance_sampling_level={args.importance_sampling_level!r} (GSPO) has no meaning here. "
-            "Set `importance_sampling_level='token'` (for a per-sequence ESS pass `ess_scope='sequence'`)."
+            "Set `importance_sampling_level='token'` (for one ESS per sequence use "
+            "`ESSGRPOConfig(ess_scope='sequence')`)."
         )
     if args.use_adaptive_entropy:
         raise ValueError(
@@ -121,67 +216,60 @@ def _validate_args(args: GRPOConfig | None) -> None:
         )
 
 
+_GRPO_INIT_SIGNATURE = inspect.signature(GRPOTrainer.__init__)
+
+
 class ESSGRPOTrainer(GRPOTrainer):
     """TRL ``GRPOTrainer`` whose policy objective is the ESS loss (:func:`ess_po.ess_policy_loss`).
 
-    Drop-in: takes the same arguments as ``GRPOTrainer`` (``GRPOConfig``, datasets, reward
-    functions, ``peft_config``, callbacks). Differences from ``GRPOTrainer``:
+    Drop-in: ``__init__`` takes exactly ``GRPOTrainer.__init__``'s parameters (same names, order
+    and defaults; ``tests/test_trl_contract.py`` pins it). ESS options live in
+    :class:`ESSGRPOConfig`; a plain ``GRPOConfig`` gives their defaults. Differences from
+    ``GRPOTrainer``:
 
     * Objective. Per token, ``-sg(min(w, ESS)) * A * logp + (1 - ESS) * (d + exp(-d) - 1)`` with
-      ``d = logp - logp_old`` and the batch ESS of the ratios ``w = exp(d)``, all-reduced over
-      data-parallel ranks. On-policy (``num_iterations == 1`` and ``steps_per_generation ==
-      gradient_accumulation_steps``) ESS is exactly 1 and the loss and gradient equal
-      ``GRPOTrainer``'s (REINFORCE with TRL's advantages).
+      ``d = logp - logp_old`` and the ESS of the ratios ``w = exp(d)`` over the valid tokens of the
+      loss call (one micro-batch), all-reduced over data-parallel ranks. On-policy ESS is 1 and the
+      gradient equals ``GRPOTrainer``'s (REINFORCE with TRL's advantages and normalisation).
     * Normalisation follows ``loss_type``: ``"dapo"`` (default: tokens of the whole accumulated
       batch), ``"bnpo"``, ``"dr_grpo"``, ``"grpo"``, ``"luspo"``. ``"cispo"``, ``"sapo"`` and
       ``"vespo"`` are different objectives and raise. ``epsilon``, ``epsilon_high`` and ``delta``
       have no meaning here and trigger one warning.
-    * Behaviour policy. When the inputs carry the rollout engine's own log-probabilities
-      (``sampling_per_token_logps``: vLLM generation or a custom ``rollout_func``), they are
-      ``logp_old``: the ESS then measures the full mismatch between the sampler and the policy
-      being trained, which is what the ESS objective is built for, and TRL's separate truncated
-      importance-sampling ratio (``vllm_importance_sampling_correction``) is *not* applied on top.
-      Tokens whose sampling log-probability is NaN fall back to TRL's ``old_per_token_logps``.
-      Pass ``use_sampling_logps=False`` to keep TRL's behaviour instead (``old_per_token_logps`` as
-      ``logp_old`` and TRL's importance-sampling ratio as a rollout weight).
-    * Kept from TRL: KL to the reference model with ``beta`` (TRL's estimator, including
-      ``use_bias_correction_kl``), ``top_entropy_quantile`` masking (applied to the policy term),
-      ``off_policy_mask_threshold``, a static ``entropy_coef`` bonus, the MoE auxiliary loss,
-      ``mask_truncated_completions`` and tool masks (through TRL's completion mask).
+    * Behaviour policy (``logp_old`` of the ESS term). When the inputs carry the rollout engine's
+      own log-probabilities (``sampling_per_token_logps``: vLLM or a custom ``rollout_func``) they
+      are ``logp_old`` (``use_sampling_logps=True``, default): the ESS then measures the whole
+      mismatch between the sampler and the policy being trained, and TRL's truncated
+      importance-sampling ratio is *not* applied on top. Tokens whose sampling log-probability is
+      NaN fall back to TRL's ``old_per_token_logps``. With ``use_sampling_logps=False``,
+      ``logp_old`` is TRL's ``old_per_token_logps`` and TRL's ratio weights the policy term, as in
+      ``GRPOTrainer``.
+    * Identical to TRL in both settings: ``off_policy_mask_threshold`` (TRL's mask, computed from
+      ``sampling_per_token_logps`` when present, else ``old_per_token_logps``), the KL to the
+      reference model with ``beta`` and ``use_bias_correction_kl`` (weight
+      ``exp(logp - old_per_token_logps)``), ``top_entropy_quantile`` (multiplies the policy term),
+      a static ``entropy_coef`` bonus, the MoE auxiliary loss, ``mask_truncated_completions`` and
+      tool masks (TRL's completion mask).
     * Refused with an error naming the fix: ``use_liger_kernel=True``,
       ``importance_sampling_level="sequence"``, ``use_adaptive_entropy=True``.
     * Metrics: ``ess/mean``, ``ess/min``, ``ess/capped_frac``, ``ess/kl_behavior``,
       ``ess/ratio_mean``, ``ess/ratio_max``, ``ess/regularizer_loss``, plus TRL's ``policy_loss``,
       ``entropy`` and ``kl``; gathered across processes like TRL's clip ratios.
-
-    Args:
-        ess_scope: ``"batch"`` (default, the paper's batch ESS) or ``"sequence"``; passed to the core.
-        use_sampling_logps: Use the rollout engine's log-probabilities as the behaviour policy
-            when available (default ``True``).
-        ess_check_values: Enable the core's host-syncing input checks (debugging only).
     """
 
     _tag_names: ClassVar[list[str]] = ["trl", "grpo", "ess-po"]
 
-    def __init__(
-        self,
-        model: Any,
-        reward_funcs: Any,
-        args: GRPOConfig | None = None,
-        *,
-        ess_scope: str = "batch",
-        use_sampling_logps: bool = True,
-        ess_check_values: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        _validate_args(args)
-        if ess_scope not in ("batch", "sequence"):
-            raise ValueError(f"ess_scope must be 'batch' or 'sequence', got {ess_scope!r}")
-        self.ess_scope = ess_scope
-        self.use_sampling_logps = use_sampling_logps
-        self.ess_check_values = ess_check_values
-        super().__init__(model, reward_funcs, args=args, **kwargs)
-        if self.use_vllm and self.vllm_importance_sampling_correction and use_sampling_logps:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Same parameters as GRPOTrainer: bind to its signature (TypeError as GRPOTrainer would
+        # raise it), check the config before TRL builds anything, then let TRL do the rest.
+        bound = _GRPO_INIT_SIGNATURE.bind(self, *args, **kwargs)
+        _validate_args(bound.arguments.get("args"))
+        super().__init__(*args, **kwargs)
+        self.ess_scope: str = getattr(self.args, "ess_scope", "batch")
+        self.use_sampling_logps: bool = getattr(self.args, "use_sampling_logps", True)
+        self.ess_check_values: bool = getattr(self.args, "ess_check_values", False)
+        self.ess_window: str = getattr(self.args, "ess_window", "micro_batch")
+        self._ess_step_stats: ESSStats | None = None
+        if self.use_vllm and self.vllm_importance_sampling_correction and self.use_sampling_logps:
             warnings.warn(
                 "ESSGRPOTrainer uses vLLM's sampling log-probabilities as the behaviour policy; TRL's "
                 "truncated importance-sampling ratio (vllm_importance_sampling_correction) is not applied "
@@ -190,18 +278,25 @@ class ESSGRPOTrainer(GRPOTrainer):
                 stacklevel=2,
             )
 
+    __init__.__signature__ = _GRPO_INIT_SIGNATURE  # type: ignore[attr-defined]
+
     # -- helpers -----------------------------------------------------------------------------
 
     def _behaviour_logps(
         self, inputs: dict[str, Any], per_token_logps: torch.Tensor
-    ) -> torch.Tensor:
-        """logp_old: sampler log-probs if present, else TRL's old_per_token_logps, else on-policy."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(trl_old, logp_old)``: TRL's ``old_per_token_logps`` and the ESS behaviour policy.
+
+        ``trl_old`` is what GRPOTrainer calls ``old_per_token_logps`` (``per_token_logps.detach()``
+        when TRL skipped it on-policy). ``logp_old`` is the sampler's log-probabilities where
+        present and finite and ``use_sampling_logps`` holds, else ``trl_old``.
+        """
         old = inputs.get("old_per_token_logps")
-        old = per_token_logps.detach() if old is None else old
+        trl_old = per_token_logps.detach() if old is None else old
         sampling = inputs.get("sampling_per_token_logps")
-        if sampling is not None and self.use_sampling_logps:
-            old = torch.where(torch.isnan(sampling), old, sampling)
-        return old.to(per_token_logps.dtype)
+        if sampling is None or not self.use_sampling_logps:
+            return trl_old, trl_old
+        return trl_old, torch.where(torch.isnan(sampling), trl_old, sampling)
 
     def _normalisation(
         self, inputs: dict[str, Any], mask: torch.Tensor, mode: str
@@ -228,6 +323,64 @@ class ESSGRPOTrainer(GRPOTrainer):
         return SUPPORTED_LOSS_TYPES[self.loss_type], batch * accum, accum
 
     @staticmethod
+    def _loss_mask(inputs: dict[str, Any]) -> torch.Tensor:
+        """TRL's loss mask: completion tokens, minus tool results (float32, (B, T))."""
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        return mask.to(torch.float32)
+
+    def _policy_logps(
+        self, model: torch.nn.Module, inputs: dict[str, Any], *, compute_entropy: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """TRL's ``_get_per_token_logps_and_entropies`` on the inputs, as TRL's loss calls it."""
+        completion_ids = inputs["completion_ids"]
+        return self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+            completion_ids.size(1),
+            compute_entropy=compute_entropy,
+            compute_aux_loss=self.aux_loss_enabled and compute_entropy,
+            **{key: inputs.get(key) for key in MODEL_INPUT_KEYS},
+        )
+
+    @torch.no_grad()
+    def _step_ess_stats(self) -> ESSStats:
+        """ESS statistics of the optimizer step that starts now (``ess_window="step"``).
+
+        The step's micro-batches are TRL's buffered ``_buffered_inputs[(_step + j) %
+        steps_per_generation]``, ``j < gradient_accumulation_steps`` (all generated already:
+        ``steps_per_generation`` is a multiple of the accumulation steps). Each contributes the
+        log ratios ``log pi_theta - logp_old`` of its valid tokens under the current parameters:
+
+        * free on the first optimizer step after a generation, where the parameters are those
+          that produced TRL's ``old_per_token_logps``: the ratios are ``old - logp_old`` (zero
+          without sampler log-probs, and also when TRL skipped ``old_per_token_logps``);
+        * otherwise from one no-grad forward per micro-batch (``model`` as the loss sees it,
+          dropout included when enabled).
+
+        The statistics are merged over micro-batches and all-reduced over ranks
+        (:func:`ess_po.step_stats`): every rank calls this at the same micro-batch.
+        """
+        accum = self.current_gradient_accumulation_steps
+        spg = self.args.steps_per_generation
+        fresh = self._step % (spg * self.num_iterations) == 0  # params as at generation
+        parts = []
+        for j in range(accum):
+            inputs = self._buffered_inputs[(self._step + j) % spg]
+            mask = self._loss_mask(inputs)
+            old = inputs.get("old_per_token_logps")
+            sampling = inputs.get("sampling_per_token_logps") if self.use_sampling_logps else None
+            if fresh and (old is not None or sampling is None):
+                current = old if old is not None else torch.zeros_like(mask)
+            else:
+                current = self._policy_logps(self.model, inputs, compute_entropy=False)[0]
+            _, logp_old = self._behaviour_logps(inputs, current)
+            parts.append((current - logp_old, mask))
+        return step_stats(parts)
+
+    @staticmethod
     def _aggregate(
         per_token: torch.Tensor, mask: torch.Tensor, agg_mode: str, normalizer: torch.Tensor | float
     ) -> torch.Tensor:
@@ -241,27 +394,12 @@ class ESSGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         mode = "train" if self.model.training else "eval"
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-        mask = (
-            completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        )
-        mask = mask.to(torch.float32)
-
-        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model,
-            input_ids,
-            attention_mask,
-            completion_ids.size(1),
-            compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled,
-            **{key: inputs.get(key) for key in MODEL_INPUT_KEYS},
-        )
+        mask = self._loss_mask(inputs)
+        per_token_logps, entropies, aux_loss = self._policy_logps(model, inputs)
         advantages = inputs["advantages"]
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)
-        logp_old = self._behaviour_logps(inputs, per_token_logps)
+        trl_old, logp_old = self._behaviour_logps(inputs, per_token_logps)
 
         # Token weights on the policy term, as TRL multiplies them into its per-token loss.
         weights: torch.Tensor | None = None
@@ -272,43 +410,56 @@ class ESSGRPOTrainer(GRPOTrainer):
             )
             weights = entropy_mask.to(mask.dtype)
         if self.off_policy_mask_threshold is not None:
+            # TRL's mask on TRL's log-probs (the sampler's when present: it sees both the drift
+            # from updates and the engine mismatch), whichever logp_old the ESS term uses.
             keep = self.get_off_policy_mask(
-                advantages, per_token_logps, logp_old, mask, self.off_policy_mask_threshold
+                advantages,
+                per_token_logps,
+                inputs.get("sampling_per_token_logps", trl_old),
+                mask,
+                self.off_policy_mask_threshold,
             )
             weights = keep if weights is None else weights * keep
         if (
             not self.use_sampling_logps
             and self.use_vllm
             and self.vllm_importance_sampling_correction
-            and "importance_sampling_ratio" in inputs
         ):
-            ratio = inputs["importance_sampling_ratio"]
+            ratio = inputs["importance_sampling_ratio"]  # (B, T) or (B, 1), as TRL applies it
             weights = ratio if weights is None else weights * ratio
         if weights is not None:
-            weights = weights.expand_as(mask).to(per_token_logps.dtype)
+            weights = weights.expand_as(mask)
+
+        stats = None
+        if self.ess_window == "step" and mode == "train":
+            if self._step % self.current_gradient_accumulation_steps == 0:  # the step's first call
+                self._ess_step_stats = self._step_ess_stats()
+            stats = self._ess_step_stats
 
         agg_mode, normalizer, log_scale = self._normalisation(inputs, mask, mode)
         out = ess_policy_loss(
             per_token_logps,
-            logp_old,
+            logp_old,  # may be float32 beside bf16 logp_new (vLLM); the core computes in float32
             advantages,
             mask,
             loss_agg_mode=agg_mode,
             normalizer=normalizer,
             ess_scope=self.ess_scope,
             rollout_weights=weights,
+            stats=stats,
             check_values=self.ess_check_values,
         )
         loss = out.loss
 
-        # KL to the reference model: TRL's k3 estimator, optionally importance-corrected
-        # (use_bias_correction_kl), added per token and normalised like the policy term.
+        # KL to the reference model: TRL's k3 estimator, added per token and normalised like the
+        # policy term. use_bias_correction_kl weighs it by exp(logp - old_per_token_logps), as TRL
+        # does: the ratio to the sampler would be uncapped here (the ESS cap acts on the policy term).
         per_token_kl = None
         if self.beta != 0.0:
             ref = inputs["ref_per_token_logps"]
             per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
             if self.args.use_bias_correction_kl:
-                per_token_kl = per_token_kl * torch.exp(per_token_logps - logp_old)
+                per_token_kl = per_token_kl * torch.exp(per_token_logps - trl_old)
             loss = loss + self.beta * self._aggregate(per_token_kl, mask, agg_mode, normalizer)
         policy_loss = loss.detach() * log_scale
 

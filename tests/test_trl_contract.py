@@ -159,3 +159,79 @@ def test_grpo_config_fields_we_read():
         assert fields[name].default == default, name
     for name in ("steps_per_generation", "num_iterations", "beta"):
         assert name in fields, name
+
+
+# ---------------------------------------------------------------------------------------------
+# ESSGRPOTrainer's constructor is GRPOTrainer's (issue: reward_funcs was required and everything
+# after `args` keyword-only). Mutation checked: restoring that signature fails all three tests.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_init_signature_is_grpo_trainers():
+    assert inspect.signature(ESSGRPOTrainer.__init__) == inspect.signature(GRPOTrainer.__init__)
+    assert inspect.signature(ESSGRPOTrainer) == inspect.signature(GRPOTrainer)
+    reward = inspect.signature(GRPOTrainer.__init__).parameters["reward_funcs"]
+    assert reward.default is None  # rewards may come from an environment (test_trl_tools.py)
+
+
+def test_positional_arguments_as_grpo_trainer(tmp_path):
+    """model, reward_funcs, args, train_dataset, eval_dataset, processing_class by position."""
+    from ess_po.integrations.tiny import (
+        build_task_dataset,
+        build_tiny_model,
+        build_tiny_tokenizer,
+        copy_reward,
+    )
+    from trl_helpers import BASE_CONFIG
+
+    tok = build_tiny_tokenizer()
+    args = GRPOConfig(output_dir=str(tmp_path), **BASE_CONFIG)
+    dataset = build_task_dataset(16)
+    trainer = ESSGRPOTrainer(build_tiny_model(tok), copy_reward, args, dataset, None, tok)
+    assert trainer.args is args and trainer.train_dataset is dataset
+    assert trainer.processing_class is tok
+    assert trainer.ess_scope == "batch" and trainer.use_sampling_logps  # ESSGRPOConfig defaults
+    # no reward source: TRL's own error, not a TypeError about a missing argument
+    with pytest.raises(ValueError, match="No reward source provided"):
+        ESSGRPOTrainer(build_tiny_model(tok), None, args, dataset, processing_class=tok)
+    # an unknown argument: the TypeError GRPOTrainer raises
+    with pytest.raises(TypeError, match="unexpected keyword argument 'ess_scope'"):
+        ESSGRPOTrainer(build_tiny_model(tok), copy_reward, args, ess_scope="batch")
+
+
+def test_ess_config_extends_grpo_config(tmp_path):
+    from ess_po.integrations.trl import ESSGRPOConfig
+
+    grpo = {f.name for f in dataclasses.fields(GRPOConfig)}
+    ours = {f.name: f.default for f in dataclasses.fields(ESSGRPOConfig) if f.name not in grpo}
+    assert ours == {
+        "ess_scope": "batch",
+        "use_sampling_logps": True,
+        "ess_window": "micro_batch",
+        "ess_check_values": False,
+    }
+    config = ESSGRPOConfig(
+        output_dir=str(tmp_path), ess_scope="sequence", report_to=[], use_cpu=True
+    )
+    assert isinstance(config, GRPOConfig) and config.to_dict()["ess_scope"] == "sequence"
+    with pytest.raises(ValueError, match="ess_scope must be one of"):
+        ESSGRPOConfig(output_dir=str(tmp_path), ess_scope="token", report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="ess_window must be one of"):
+        ESSGRPOConfig(output_dir=str(tmp_path), ess_window="epoch", report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="needs ess_scope='batch'"):
+        ESSGRPOConfig(
+            output_dir=str(tmp_path),
+            ess_window="step",
+            ess_scope="sequence",
+            report_to=[],
+            use_cpu=True,
+        )
+    with pytest.raises(ValueError, match="must be a multiple of gradient_accumulation_steps"):
+        ESSGRPOConfig(
+            output_dir=str(tmp_path),
+            ess_window="step",
+            gradient_accumulation_steps=2,
+            steps_per_generation=1,
+            report_to=[],
+            use_cpu=True,
+        )

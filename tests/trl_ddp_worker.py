@@ -1,7 +1,9 @@
 """Worker for tests/test_trl_trainer.py::test_two_processes_share_one_ess (run under torchrun).
 
 Trains ESSGRPOTrainer for a few steps on 2 CPU ranks (gloo) and writes, per rank, the ESS and
-local behaviour KL that every loss call saw, plus the logged ess/mean.
+local behaviour KL that every loss call saw, plus the logged ess/mean. With a second argument
+``step``: ``ess_window="step"`` with 2 gradient-accumulation micro-batches per optimizer step
+(tests/test_trl_step_window.py::test_step_window_two_processes).
 """
 
 from __future__ import annotations
@@ -10,16 +12,22 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-torch.set_num_threads(1)
+HERE = Path(__file__).resolve().parent
+# Python puts this script's folder (tests/) first on sys.path; a test folder named like an
+# installed package (tests/vllm/) would then shadow it inside TRL's imports. Import TRL first.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 import ess_po.integrations.trl as trl_adapter  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+sys.path.append(str(HERE))
 from trl_helpers import logged, make_trainer  # noqa: E402
 
+torch.set_num_threads(1)
 
-def main(out_dir: Path) -> None:
+
+def main(out_dir: Path, mode: str = "micro_batch") -> None:
     seen: dict[str, list[float]] = {"ess": [], "kl_behavior": []}
     core = trl_adapter.ess_policy_loss
 
@@ -30,16 +38,26 @@ def main(out_dir: Path) -> None:
         return out
 
     trl_adapter.ess_policy_loss = recording_loss
-    trainer = make_trainer(out_dir / "run", max_steps=4, num_iterations=2)
+    if mode == "step":
+        config = {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4}
+        trainer = make_trainer(
+            out_dir / "run", max_steps=2, num_iterations=2, ess_window="step", **config
+        )
+    else:
+        trainer = make_trainer(out_dir / "run", max_steps=4, num_iterations=2)
     assert trainer.accelerator.num_processes == 2, trainer.accelerator.state
+    rank = trainer.accelerator.process_index
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
     after = list(trainer.accelerator.unwrap_model(trainer.model).parameters())
     changed = any(not torch.equal(a, b.detach()) for a, b in zip(before, after, strict=True))
-    rank = trainer.accelerator.process_index
     result = {**seen, "logged_ess": logged(trainer, "ess/mean"), "params_changed": changed}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    # Leave together: a rank that exits while the other is still inside a collective makes gloo
+    # abort the survivor, and torchrun then reports a failure after a good run.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +56,20 @@ def make_trainer(
     trainer_kwargs: dict[str, Any] | None = None,
     **config: Any,
 ) -> Any:
-    """An ESSGRPOTrainer (or ``trainer_cls``) on the tiny successor task. ``model`` may be a path."""
-    from ess_po.integrations.trl import ESSGRPOTrainer
+    """An ESSGRPOTrainer (or ``trainer_cls``) on the tiny successor task. ``model`` may be a path.
+
+    ``config`` goes to ``ESSGRPOConfig`` (``GRPOConfig`` for another ``trainer_cls``).
+    """
+    from ess_po.integrations.trl import ESSGRPOConfig, ESSGRPOTrainer
     from trl import GRPOConfig
 
     torch.manual_seed(0)
     tok = build_tiny_tokenizer()
     if model is None:
         model = build_tiny_model(tok)
-    args = GRPOConfig(output_dir=str(output_dir), **{**BASE_CONFIG, **config})
     cls = trainer_cls or ESSGRPOTrainer
+    config_cls = ESSGRPOConfig if issubclass(cls, ESSGRPOTrainer) else GRPOConfig
+    args = config_cls(output_dir=str(output_dir), **{**BASE_CONFIG, **config})
     return cls(
         model=model,
         reward_funcs=copy_reward,
@@ -95,3 +102,104 @@ def flat_grad(model: torch.nn.Module) -> torch.Tensor:
             if p.requires_grad
         ]
     )
+
+
+class StandInVLLM:
+    """Plays vLLM's part in TRL's generation path (``VLLMGeneration`` in colocate mode) on CPU.
+
+    TRL calls ``generate(prompts, images, num_generations, profiler)`` and ``sync_weights()``.
+    Completions are sampled by TRL's own transformers path with the current weights; the reported
+    per-token log-probabilities are the policy's own plus N(0, ``noise``²) per token, a recorded
+    stand-in for an inference engine whose numerics differ from the trainer's. Positions in
+    ``nan_at`` (column indices) are reported as ``None``, as vLLM does for unscorable tokens.
+    Everything downstream (old log-probs, TRL's importance-sampling ratio and its modes, masks,
+    the loss) is TRL's real code.
+    """
+
+    def __init__(self, trainer: Any, *, noise: float = 0.3, seed: int = 0, nan_at=()):
+        self.trainer, self.noise, self.nan_at = trainer, noise, tuple(nan_at)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.syncs = 0
+
+    def sync_weights(self) -> None:
+        self.syncs += 1
+
+    @torch.no_grad()
+    def generate(self, prompts, images, num_generations, profiler=None):
+        t = self.trainer
+        t.use_vllm = False  # TRL's transformers generation path samples the completions
+        try:
+            completion_ids, _ = t._generate_single_turn(prompts, images, {}, num_generations)
+        finally:
+            t.use_vllm = True
+        # TRL's layout: prompts left-padded, completions right-padded
+        pad = t.processing_class.pad_token_id
+        p_max, c_max = max(map(len, prompts)), max(map(len, completion_ids))
+        ids = torch.full((len(prompts), p_max + c_max), pad)
+        attn = torch.zeros_like(ids)
+        for i, (p, c) in enumerate(zip(prompts, completion_ids, strict=True)):
+            ids[i, p_max - len(p) : p_max + len(c)] = torch.tensor(p + c)
+            attn[i, p_max - len(p) : p_max + len(c)] = 1
+        logp, _, _ = t._get_per_token_logps_and_entropies(t.model, ids, attn, c_max)
+        logp = logp + self.noise * torch.randn(logp.shape, generator=self.generator)
+        logprobs = [
+            [[None] if j in self.nan_at else [logp[i, j].item()] for j in range(len(c))]
+            for i, c in enumerate(completion_ids)
+        ]
+        return prompts, completion_ids, logprobs, None
+
+
+def make_vllm_trainer(output_dir: Path, *, noise: float = 0.3, nan_at=(), **kwargs: Any) -> Any:
+    """``make_trainer`` with generation routed through :class:`StandInVLLM` (``use_vllm`` on)."""
+    trainer = make_trainer(output_dir, **kwargs)
+    trainer.use_vllm = True
+    trainer._last_loaded_step = -1
+    trainer.vllm_generation = StandInVLLM(trainer, noise=noise, nan_at=nan_at)
+    return trainer
+
+
+# Variables a parent process (a launcher, an earlier in-process gloo test, a CI job) may carry
+# that would steer the workers' rendezvous or device choice; torchrun sets what the workers need.
+_INHERITED_DIST_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "NODE_RANK",
+    "CUDA_VISIBLE_DEVICES",
+)
+
+
+def _worker_env() -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _INHERITED_DIST_ENV
+        and not k.startswith(("TORCHELASTIC_", "ACCELERATE_", "PET_", "TORCH_DISTRIBUTED_"))
+    }
+    # loopback only: no hostname lookup, and gloo binds 127.0.0.1 whatever the host's interfaces
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GLOO_SOCKET_IFNAME="lo")
+    return env
+
+
+def run_two_processes(tmp_path: Path, *worker_args: str) -> list[dict]:
+    """Run tests/trl_ddp_worker.py on 2 gloo ranks; return each rank's JSON record."""
+    worker = Path(__file__).with_name("trl_ddp_worker.py")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "--local-addr=127.0.0.1",
+        str(worker),
+        str(tmp_path),
+        *worker_args,
+    ]
+    proc = subprocess.run(cmd, env=_worker_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
