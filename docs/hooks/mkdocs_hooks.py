@@ -18,8 +18,6 @@ import re
 import sys
 from pathlib import Path
 
-from mkdocs.structure.files import File
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import api_check
 import mathjax_assets
@@ -42,6 +40,8 @@ def on_pre_build(config, **kwargs) -> None:
 
 
 def on_files(files, config, **kwargs):
+    from mkdocs.structure.files import File  # here: the layout functions need no MkDocs
+
     try:
         root = mathjax_assets.package_root()
     except (mathjax_assets.MathJaxUnavailable, OSError) as err:
