@@ -1,10 +1,13 @@
 """verl shim: registers the ESS policy loss under ``policy_loss.loss_mode=ess``.
 
-Importing this module registers two entries in verl's policy-loss registry
+Importing this module registers three entries in verl's policy-loss registry
 (``verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY``):
 
-* ``ess``     -- :func:`ess_po.ess_policy_loss` with ``ess_scope="batch"`` (the paper's objective);
-* ``ess_seq`` -- the same loss with ``ess_scope="sequence"`` (one ESS per sequence).
+* ``ess``      -- :func:`ess_po.ess_policy_loss` with ``ess_scope="batch"``: one ESS per loss call
+  (micro-batch), all-reduced over data-parallel ranks, as in the authors' reference code;
+* ``ess_seq``  -- the same loss with ``ess_scope="sequence"`` (one ESS per sequence);
+* ``ess_step`` -- one ESS per optimizer step (mini-batch), from statistics that the opt-in
+  pre-pass of :func:`enable_step_scope` computes before the step's first backward.
 
 verl imports this module by itself: ``pyproject.toml`` declares it in the ``verl.plugins``
 entry-point group, which ``import verl`` loads (unless ``VERL_USE_EXTERNAL_PLUGINS=none``).
@@ -40,21 +43,25 @@ ESS itself is a per-call statistic all-reduced over data-parallel ranks by the c
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any, Final
 
 import torch
 
-from ess_po import ess_policy_loss
+from ess_po import ESSStats, ess_policy_loss, step_stats
 
 from .parallel import ess_process_group
 
 __all__ = [
     "LOSS_NAME",
     "SEQUENCE_LOSS_NAME",
+    "STEP_LOSS_NAME",
     "VERL_LOSS_AGG_MODES",
     "compute_policy_loss_ess",
     "compute_policy_loss_ess_seq",
+    "compute_policy_loss_ess_step",
+    "enable_step_scope",
     "register",
     "set_process_group",
     "verl_aggregation",
@@ -64,6 +71,10 @@ LOSS_NAME: Final = "ess"
 """``policy_loss.loss_mode`` of :func:`compute_policy_loss_ess` (one ESS per batch)."""
 SEQUENCE_LOSS_NAME: Final = "ess_seq"
 """``policy_loss.loss_mode`` of :func:`compute_policy_loss_ess_seq` (one ESS per sequence)."""
+STEP_LOSS_NAME: Final = "ess_step"
+"""``policy_loss.loss_mode`` of :func:`compute_policy_loss_ess_step` (one ESS per optimizer step)."""
+STEP_SCOPE_ENV: Final = "ESS_PO_VERL_STEP_SCOPE"
+"""Environment variable: ``1`` makes the plugin call :func:`enable_step_scope` when verl loads it."""
 
 #: verl ``loss_agg_mode`` -> core ``loss_agg_mode``.
 _CORE_MODE: Final[dict[str, str]] = {
@@ -200,6 +211,7 @@ def _ess_loss(
     config: Any,
     rollout_is_weights: torch.Tensor | None,
     ess_scope: str,
+    stats: ESSStats | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     core_mode, normalizer, scale = verl_aggregation(
         loss_agg_mode, response_mask, _global_batch_info(config)
@@ -214,6 +226,7 @@ def _ess_loss(
         ess_scope=ess_scope,
         rollout_weights=None if rollout_is_weights is None else rollout_is_weights.detach(),
         process_group=_ess_process_group(),
+        stats=stats,
     )
     loss = out.loss if scale == 1.0 else out.loss * scale
     return loss, _verl_metrics(out.metrics())
@@ -283,8 +296,125 @@ def compute_policy_loss_ess_seq(
     )
 
 
+# ----------------------------------------------------------------------------- step scope
+
+#: ESS statistics of the optimizer step being trained, set by the pre-pass of the worker
+#: installed by :func:`enable_step_scope` for the duration of one ``engine.train_batch`` call.
+_step_stats: ESSStats | None = None
+
+
+def compute_policy_loss_ess_step(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """As :func:`compute_policy_loss_ess` with one ESS per optimizer step (``ess_step``).
+
+    The ESS comes from the statistics of the whole mini-batch (every micro-batch, every
+    data-parallel rank) that the pre-pass of :func:`enable_step_scope` computes before the step's
+    first backward; every micro-batch's loss of that step uses them, so the update does not
+    depend on ``ppo_micro_batch_size_per_gpu``. Opt-in: costs one no-grad forward per
+    micro-batch.
+
+    Raises:
+        ValueError: no step statistics are set (the step-scope worker is not installed).
+    """
+    if _step_stats is None:
+        raise ValueError(
+            f"policy_loss.loss_mode={STEP_LOSS_NAME} needs the ESS statistics of the optimizer "
+            "step, which a no-grad pre-pass computes; none were set. Set "
+            f"{STEP_SCOPE_ENV}=1 in the environment of verl's workers (for Ray: "
+            f"+ray_kwargs.ray_init.runtime_env.env_vars.{STEP_SCOPE_ENV}=1) or call "
+            "ess_po.integrations.verl.enable_step_scope() in each worker, or use loss_mode=ess."
+        )
+    return _ess_loss(
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+        "batch",
+        stats=_step_stats,
+    )
+
+
+def _loss_mode(loss_function: Any) -> str | None:
+    """``policy_loss.loss_mode`` of verl's ``partial(ppo_loss, config=actor_config)``."""
+    config = getattr(loss_function, "keywords", {}).get("config")
+    policy_loss = getattr(config, "policy_loss", None)
+    if policy_loss is None:
+        return None
+    return (
+        policy_loss.get("loss_mode", None)
+        if isinstance(policy_loss, Mapping)
+        else getattr(policy_loss, "loss_mode", None)
+    )
+
+
+def _step_prepass(engine: Any, data: Any) -> ESSStats:
+    """ESS statistics of one mini-batch: a no-grad forward through verl's own micro-batch loop
+    (``forward_backward_batch(..., forward_only=True)``, the path of ``compute_log_prob``) in the
+    engine's current (train) mode, then ``step_stats`` over ``log_prob - old_log_prob`` on the
+    valid response tokens, all-reduced over the ESS process group."""
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    probe = data.copy()  # verl writes bookkeeping keys into the TensorDict it is given
+    with torch.no_grad():
+        output = engine.forward_backward_batch(probe, None, forward_only=True)
+    log_prob = no_padding_2_padding(output["model_output"]["log_probs"], probe)
+    padded = probe.select("response_mask", "old_log_probs").to_padded_tensor()
+    mask = padded["response_mask"].to(torch.bool)
+    width = log_prob.shape[-1]
+    log_ratio = log_prob.float() - padded["old_log_probs"][:, :width].float()
+    return step_stats([(log_ratio, mask[:, :width])], process_group=_ess_process_group())
+
+
+def enable_step_scope() -> None:
+    """Install the step-scope pre-pass in verl's actor worker (idempotent, opt-in).
+
+    Sets ``verl.workers.engine_workers.ActorRolloutRefWorker.actor_worker_cls`` to a
+    ``TrainingWorker`` subclass whose engine runs a no-grad pre-pass before each optimizer step
+    when ``policy_loss.loss_mode`` is ``ess_step`` (other loss modes are untouched). Must run in
+    every worker process before the actor is built; the plugin does it when the environment
+    variable ``ESS_PO_VERL_STEP_SCOPE`` is ``1``. Tested with verl 0.9.1's FSDP2 engine.
+    """
+    from verl.workers import engine_workers
+
+    if getattr(engine_workers.ActorRolloutRefWorker.actor_worker_cls, "_ess_step_scope", False):
+        return
+
+    class ESSStepTrainingWorker(engine_workers.TrainingWorker):
+        _ess_step_scope = True
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            engine = self.engine
+            train_batch = engine.train_batch
+
+            def train_batch_with_step_stats(data: Any, loss_function: Any) -> Any:
+                global _step_stats
+                if _loss_mode(loss_function) != STEP_LOSS_NAME:
+                    return train_batch(data, loss_function)
+                _step_stats = _step_prepass(engine, data)
+                try:
+                    return train_batch(data, loss_function)
+                finally:
+                    _step_stats = None
+
+            engine.train_batch = train_batch_with_step_stats
+
+    engine_workers.ActorRolloutRefWorker.actor_worker_cls = ESSStepTrainingWorker
+
+
 def register() -> None:
-    """Register ``ess`` and ``ess_seq`` with verl's ``register_policy_loss`` (idempotent)."""
+    """Register ``ess``, ``ess_seq`` and ``ess_step`` with verl's ``register_policy_loss``
+    (idempotent)."""
     try:
         from verl.trainer.ppo.core_algos import register_policy_loss
     except ImportError as exc:  # pragma: no cover - exercised only without verl
@@ -294,6 +424,7 @@ def register() -> None:
         ) from exc
     register_policy_loss(LOSS_NAME)(compute_policy_loss_ess)
     register_policy_loss(SEQUENCE_LOSS_NAME)(compute_policy_loss_ess_seq)
+    register_policy_loss(STEP_LOSS_NAME)(compute_policy_loss_ess_step)
 
 
 def _trl_conflict() -> str | None:
@@ -348,3 +479,5 @@ def _warn_on_trl_conflict() -> None:
 
 register()
 _warn_on_trl_conflict()
+if os.environ.get(STEP_SCOPE_ENV, "") == "1":
+    enable_step_scope()

@@ -40,9 +40,12 @@ import verl_cpu_support as vcs
 
 N_PROMPTS, ROLLOUT_N, PROMPT_LEN, RESPONSE_LEN = 4, 4, 4, 6
 MINI_BATCH_PROMPTS, MICRO_BATCH = 2, 2
+REPEATS = 3
 
 
-def overrides(model_dir: Path, loss_mode: str, lr: float, extra: list[str]) -> list[str]:
+def overrides(
+    model_dir: Path, loss_mode: str, lr: float, extra: list[str], micro: int = MICRO_BATCH
+) -> list[str]:
     return [
         f"actor_rollout_ref.model.path={model_dir}",
         "+actor_rollout_ref.model.override_config.attn_implementation=eager",
@@ -51,7 +54,7 @@ def overrides(model_dir: Path, loss_mode: str, lr: float, extra: list[str]) -> l
         "actor_rollout_ref.actor.use_torch_compile=False",
         "actor_rollout_ref.actor.fsdp_config.use_torch_compile=False",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={MINI_BATCH_PROMPTS}",
-        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={MICRO_BATCH}",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro}",
         f"actor_rollout_ref.actor.optim.lr={lr}",
         "actor_rollout_ref.actor.optim.weight_decay=0.0",
         f"actor_rollout_ref.rollout.n={ROLLOUT_N}",
@@ -134,10 +137,12 @@ class LossSpy:
         return spy
 
 
-def build_worker(model_dir: Path, loss_mode: str, lr: float, extra: list[str] = ()) -> Any:
+def build_worker(
+    model_dir: Path, loss_mode: str, lr: float, extra: list[str] = (), micro: int = MICRO_BATCH
+) -> Any:
     from verl.workers.engine_workers import ActorRolloutRefWorker
 
-    config = vcs.compose(overrides(model_dir, loss_mode, lr, list(extra)))
+    config = vcs.compose(overrides(model_dir, loss_mode, lr, list(extra), micro))
     worker = ActorRolloutRefWorker(config.actor_rollout_ref, role="actor")
     worker.init_model()
     grads: list[dict[str, Any]] = []
@@ -220,6 +225,65 @@ def v1_bypass_old_log_prob(host: Any, batch: Any) -> tuple[Any, str]:
     return store["train"]["old_log_probs"], loss_mode
 
 
+def main_step_scope(out_dir: Path) -> None:
+    """Step scope (issue 15): ``ess_step`` through the opt-in pre-pass worker, frozen policy
+    (lr 0) and known log-ratio offsets, the same 2 optimizer steps of 8 sequences split into
+    micro-batches of 1, 2, 4 and 8; ``ess`` (per call) with 1 and 8 for contrast. fp32 compute
+    (``fsdp_config.mixed_precision.param_dtype=fp32``) for the exactness checks, and bf16
+    (verl's default) for 1 and 8.
+    Each update is repeated ``REPEATS`` times (the policy does not move) and timed."""
+    import torch
+
+    t0 = time.time()
+    tmp = Path(tempfile.mkdtemp(prefix="verl_step_"))
+    vcs.setup(tmp / "init")
+    from ess_po.integrations.verl import enable_step_scope
+
+    tokenizer = vcs.save_tiny_model(tmp / "model")
+    enable_step_scope()
+    spy = LossSpy(["ess", "ess_step"])
+    result: dict[str, Any] = {"runs": {}}
+    offsets = None
+    for dtype, mode, micro in (
+        [("fp32", "ess_step", m) for m in (1, 2, 4, 8)]
+        + [("fp32", "ess", 1), ("fp32", "ess", 8)]
+        + [("bf16", mode, m) for mode in ("ess_step", "ess") for m in (1, 8)]
+    ):
+        host, grads = build_worker(
+            tmp / "model",
+            mode,
+            lr=0.0,
+            micro=micro,
+            extra=[f"+actor_rollout_ref.actor.fsdp_config.mixed_precision={{param_dtype:{dtype}}}"],
+        )
+        batch = make_batch(tokenizer)
+        recomputed = old_log_prob(host, batch)
+        if offsets is None:
+            g = torch.Generator().manual_seed(1)
+            offsets = 0.5 * torch.randn(recomputed.batch["old_log_probs"].shape, generator=g)
+            offsets *= batch.batch["response_mask"]
+        recomputed.batch["old_log_probs"] = recomputed.batch["old_log_probs"] - offsets
+        batch = batch.union(recomputed)
+        seconds, first = [], len(spy.calls)
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            metrics = update(host, batch)
+            seconds.append(time.perf_counter() - start)
+        steps = 2
+        result["runs"][f"{mode}_micro{micro}_{dtype}"] = {
+            "grads": grads[:steps],
+            "metrics": metrics,
+            "calls": spy.calls[first : first + steps * 8 // micro],
+            "seconds": seconds,
+            "micro": micro,
+        }
+    result["offsets"] = offsets
+    result["response_mask"] = batch.batch["response_mask"].clone()
+    result["seconds"] = time.time() - t0
+    torch.save(result, out_dir / "result.pt")
+    print(f"done in {result['seconds']:.1f} s")
+
+
 def main(out_dir: Path) -> None:
     import torch
 
@@ -299,4 +363,7 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[2:] == ["step"]:
+        main_step_scope(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]))
