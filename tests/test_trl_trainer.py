@@ -278,6 +278,38 @@ def test_sampling_logps_are_the_behaviour_policy(tmp_path):
     torch.testing.assert_close(trainer._compute_loss(trainer.model, inputs).detach(), loss.detach())
 
 
+@pytest.mark.slow
+def test_multimodal_inputs_reach_the_model_as_in_grpo_trainer(tmp_path):
+    """Multimodal fields in the inputs (pixel_values, image_grid_thw, token_type_ids, ...) go to
+    TRL's log-prob helper exactly as GRPOTrainer._compute_loss passes them: same keyword
+    arguments, same tensors. (The helper is called for real, without those fields, since the
+    tiny model is text-only; a tiny vision-language model end to end is not covered.)
+    Mutation checked: dropping one key from MODEL_INPUT_KEYS fails it."""
+    from ess_po.integrations.trl import MODEL_INPUT_KEYS
+
+    trainer = make_trainer(tmp_path)
+    inputs = dict(first_inputs(trainer))
+    b = inputs["completion_ids"].size(0)
+    fields = {key: torch.full((b, 3), float(i)) for i, key in enumerate(MODEL_INPUT_KEYS)}
+    inputs.update(fields)
+    calls: list[dict] = []
+    helper = trainer._get_per_token_logps_and_entropies
+
+    def recording_helper(model, input_ids, attention_mask, logits_to_keep, **kwargs):
+        calls.append(kwargs)
+        text_only = {k: v for k, v in kwargs.items() if k not in MODEL_INPUT_KEYS}
+        return helper(model, input_ids, attention_mask, logits_to_keep, **text_only)
+
+    trainer._get_per_token_logps_and_entropies = recording_helper
+    trainer._compute_loss(trainer.model, inputs)
+    GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    ours, trls = calls
+    assert ours.keys() == trls.keys()
+    for key, value in trls.items():
+        assert ours[key] is value, key
+    assert all(trls[key] is value for key, value in fields.items())
+
+
 # ---------------------------------------------------------------------------------------------
 # Options without meaning for ESS: refused or warned about, never silently ignored.
 # ---------------------------------------------------------------------------------------------
