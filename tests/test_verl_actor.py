@@ -20,41 +20,26 @@ Mutations checked (each made once by hand, the named test failed, then reverted)
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
+from verl_cpu_support import run_actor_worker
 
 pytest.importorskip("verl.trainer.ppo.core_algos")
 pytest.importorskip("ess_po.integrations.verl")
 for _module in ("uvicorn", "fastapi", "torchdata", "cachetools", "hydra"):
     pytest.importorskip(_module)
 
-REPO = Path(__file__).resolve().parents[1]
 MICRO_PER_STEP = 4
 
 
 @pytest.fixture(scope="module")
 def record(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("verl_actor")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_USE_EXTERNAL")}
-    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "verl_actor_worker.py"), str(out)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out / "result.pt", weights_only=False)
+    return run_actor_worker(out, timeout=600)
 
 
 def _relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 from torch.testing import assert_close
+from verl_cpu_support import run_actor_worker
 
 pytest.importorskip("verl.trainer.ppo.core_algos")
 pytest.importorskip("ess_po.integrations.verl")
@@ -37,18 +38,7 @@ MICROS = (1, 2, 4, 8)
 @pytest.fixture(scope="module")
 def record(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("verl_step")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_USE_EXTERNAL")}
-    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "verl_actor_worker.py"), str(out), "step"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out / "result.pt", weights_only=False)
+    return run_actor_worker(out, "step", timeout=900)
 
 
 def _ess(log_ratio: torch.Tensor, mask: torch.Tensor) -> float:

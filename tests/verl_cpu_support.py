@@ -195,3 +195,24 @@ def save_tiny_model(path: Path, *, seed: int = 0) -> Any:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return tokenizer
+
+
+def run_actor_worker(out_dir: Path, *args: str, timeout: int) -> dict[str, Any]:
+    """Run ``tests/verl_actor_worker.py OUT_DIR *args`` in a fresh interpreter (no external verl
+    modules, one thread) and load the ``result.pt`` it writes."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_USE_EXTERNAL")}
+    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run(
+        [sys.executable, str(repo / "tests" / "verl_actor_worker.py"), str(out_dir), *args],
+        env=env,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(proc.stderr[-4000:])
+    return torch.load(out_dir / "result.pt", weights_only=False)
