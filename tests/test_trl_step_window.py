@@ -1,7 +1,7 @@
 """``ess_window="step"``: one ESS over the whole optimizer step, whatever the micro-batch split.
 
 The same optimizer steps (16 sequences each: the same generation, the same shuffle) are run by
-TRL's own training loop split into 1, 2 and 4 gradient-accumulation micro-batches, with vLLM-style
+TRL's own training loop split into 1, 2, 4 and 8 gradient-accumulation micro-batches, with vLLM-style
 sampler log-probabilities (``trl_helpers.StandInVLLM``) and ``num_iterations=2``: step 1 is the
 first step after a generation (the free path: statistics from the log-probs in hand), step 2
 reuses the batch after an update (the no-grad pre-pass). Recorded: the ESS of every loss call
@@ -69,7 +69,7 @@ def test_step_window_is_invariant_to_the_micro_batch_split(tmp_path, monkeypatch
     whole, whole_grads = _run(tmp_path, monkeypatch, accum=1, window="micro_batch")
     assert whole[0, 0] < 0.99  # step 1: the sampler mismatch (free path)
     assert whole[1, 0] < whole[0, 0]  # step 2: plus one update of drift (pre-pass)
-    for accum in (1, 2, 4):
+    for accum in (1, 2, 4, 8):
         ess, grads = _run(tmp_path, monkeypatch, accum=accum, window="step")
         # one ESS per step, shared by its micro-batches, equal to the whole step's
         torch.testing.assert_close(ess, whole.expand(2, accum), rtol=1e-5, atol=1e-6)
