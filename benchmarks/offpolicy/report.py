@@ -118,6 +118,38 @@ def _method_table(
     return lines
 
 
+def _versus_whole(result: dict[str, Any]) -> list[str]:
+    """Micro-batch part: each variant's per-seed final reward against the one-call run's."""
+    whole = [m for m in result["methods"] if m.endswith("-whole")]
+    if not whole:
+        return []
+    lines = [
+        "## Against one call per update (same seed)",
+        "",
+        "| condition | variant | final reward | mean abs. difference from one call | largest "
+        "| seeds identical to one call |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cname in result["conditions"]:
+        ref = {
+            r["seed"]: r["final_reward"]
+            for r in result["runs"]
+            if r["condition"] == cname and r["method"] == whole[0]
+        }
+        for m in result["methods"]:
+            rs = [r for r in result["runs"] if r["condition"] == cname and r["method"] == m]
+            diffs = [abs(r["final_reward"] - ref[r["seed"]]) for r in rs if r["seed"] in ref]
+            if not diffs:
+                continue
+            mean, std = _mean_std(r["final_reward"] for r in rs)
+            same = sum(d == 0 for d in diffs)
+            lines.append(
+                f"| {cname} | {m} | {mean:.3f} ± {std:.3f} | {statistics.fmean(diffs):.4f} | "
+                f"{max(diffs):.4f} | {same}/{len(diffs)} |"
+            )
+    return lines
+
+
 def _describe_condition(v: dict[str, Any]) -> str:
     parts = [f"sampler {v['sampler']}", f"T={v['temperature']}"]
     if v["report_untempered"]:
@@ -165,12 +197,16 @@ def markdown(result: dict[str, Any], notes: Sequence[str] = ()) -> str:
         "evaluations.",
         "",
         *notes,
-        "## Summary",
-        "",
-        "| condition | start | ESS (no tuning) | tuned clip (best ε) | ESS vs tuned | untuned clip "
-        "(grid avg) | ESS vs untuned | best non-ESS method | ESS vs it |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    if any("ess" in e["methods"] for e in summary.values()):
+        lines += [
+            "## Summary",
+            "",
+            "| condition | start | ESS (no tuning) | tuned clip (best ε) | ESS vs tuned | untuned "
+            "clip (grid avg) | ESS vs untuned | best non-ESS method | ESS vs it |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+    lines += _versus_whole(result)
     for cname, entry in summary.items():
         per = entry["methods"]
         if "ess" not in per:
@@ -241,7 +277,8 @@ def markdown(result: dict[str, Any], notes: Sequence[str] = ()) -> str:
         "",
         "Plots: `reward_curves.png` (eval reward, mean ± std over seeds), `ess_curves.png` "
         "(lowest batch ESS per step), `ratio_min.png` (smallest log-ratio per step), "
-        "`sweep.png` (final reward against the harshness knob), `final_reward.png`.",
+        "`sweep.png` (final reward against the harshness knob, where a sweep ran), "
+        "`final_reward.png`.",
         "",
     ]
     return "\n".join(lines)
@@ -259,6 +296,8 @@ STYLE: dict[str, tuple[str, str, float]] = {
     "cispo": ("#fd8d3c", "-", 1.4),
     "tis": ("#2ca02c", "-.", 1.4),
     "mis": ("#8c564b", "-.", 1.4),
+    "ess-noreg": ("#1b9e77", "-", 1.8),
+    "ess-nocap": ("#d95f02", "--", 1.8),
     "ess-ref-whole": ("black", "-", 2.0),
     "ess-ref-mb8-call": ("#1f77b4", "--", 1.5),
     "ess-ref-mb8-step": ("#1f77b4", "-", 1.5),
@@ -290,16 +329,16 @@ def _grid_figure(plt, n: int):
     return fig, axes
 
 
-def _legend(fig, axes) -> None:
+def _legend(fig, axes) -> int:
     handles, labels = [], []
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(
-        handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=9, frameon=False
-    )
+    ncol = min(len(labels), 8 if axes.shape[1] > 1 else 3)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
+    return -(-len(labels) // ncol)  # legend rows
 
 
 def plot(result: dict[str, Any], out: Path, prefix: str = "") -> None:
@@ -348,9 +387,10 @@ def plot(result: dict[str, Any], out: Path, prefix: str = "") -> None:
             ax.axis("off")
         for ax in axes[-1]:
             ax.set_xlabel("RL step")
-        _legend(fig, axes)
-        fig.suptitle(title, fontsize=12)
-        fig.tight_layout(rect=(0, 0.08, 1, 0.97))
+        rows = _legend(fig, axes)
+        fig.suptitle(title, fontsize=12 if axes.shape[1] > 1 else 9)
+        bottom = 0.035 * rows * (2 if axes.shape[0] == 1 else 1) + 0.03
+        fig.tight_layout(rect=(0, bottom, 1, 0.97))
         fig.savefig(out / f"{prefix}{kind}.png", dpi=100)
         plt.close(fig)
 

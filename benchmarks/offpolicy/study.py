@@ -134,6 +134,14 @@ NOTES = {
         "run only in the other conditions.",
         "",
     ],
+    "ablation": [
+        "Ablation of the ESS objective (`--methods ess ess-noreg ess-nocap`, written to "
+        "`<out>/ablation`): `ess-noreg` drops the regulariser (1 - ESS) k3(d) and keeps the "
+        "capped score-function term; `ess-nocap` weights each token by w instead of "
+        "min(w, ESS) and keeps the regulariser. The per-condition method lists of the main "
+        "study apply, so at temp-1.5 only `ess` ran.",
+        "",
+    ],
     "microbatch": [
         "Micro-batch comparison (issue 15): the ESS loss (reference implementation with the "
         "library's tail, equal to `ess_po.ess_policy_loss` in loss and gradient on a whole "
@@ -154,7 +162,11 @@ def _write(result: dict[str, Any], out: Path, part: str) -> None:
 
 def replot(out: Path) -> None:
     """Re-summarise every ``results.json`` under ``out`` and rewrite tables and plots."""
-    for path in [out / "results.json", out / "microbatch" / "results.json"]:
+    for path in [
+        out / "results.json",
+        out / "microbatch" / "results.json",
+        out / "ablation" / "results.json",
+    ]:
         if not path.exists():
             continue
         result = json.loads(path.read_text())
@@ -164,6 +176,10 @@ def replot(out: Path) -> None:
             "%Y-%m-%d %H:%M UTC"
         )
         _write(result, path.parent, result.get("part", "main"))
+
+
+def _part_of(out: Path) -> str:
+    return "ablation" if out.name == "ablation" else "main"
 
 
 def run_part(
@@ -271,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         states = dict(pool.map(_warm_job, [(cfg, s) for s in seeds]))
         if "main" in args.parts:
             results["main"] = run_part(
-                "main", cfg, conditions, methods, seeds, args, argv, out, pool, states
+                _part_of(out), cfg, conditions, methods, seeds, args, argv, out, pool, states
             )
         if "microbatch" in args.parts:
             results["microbatch"] = run_part(
