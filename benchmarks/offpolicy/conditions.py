@@ -97,6 +97,16 @@ SUBSETS: dict[str, tuple[str, ...]] = {
 """Methods run per condition (absent: all). The ESS tail variants run where the log-ratios are
 largest (``temp-2.0``, ``stale-32-ep2``); elsewhere no token comes near |d| = 10."""
 
+
+def _stale(k: int) -> Condition:
+    return Condition(f"stale-{k}-ep2", staleness=k, epochs=2, sweep="staleness", level=k)
+
+
+STALENESS_SWEEP: dict[str, Condition] = {c.name: c for c in (_stale(4), _stale(16), _stale(32))}
+"""A second harshness knob, run separately (``--conditions stale-4-ep2 stale-16-ep2
+stale-32-ep2 --out <out>/staleness``): asynchronous staleness k with 2 epochs per batch.
+``stale-32-ep2`` is the main study's condition (same runs, tagged as a sweep point)."""
+
 QUICK_CONDITIONS: dict[str, Condition] = {
     "fp8": CONDITIONS["fp8"],
     "temp-2.0": CONDITIONS["temp-2.0"],

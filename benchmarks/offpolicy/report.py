@@ -420,9 +420,13 @@ def plot(result: dict[str, Any], out: Path, prefix: str = "") -> None:
                 capsize=2,
                 label=m,
             )
-        ax.set_xlabel(
-            "rollout temperature T (log-probs of the distribution sampled; T = 1: on-policy)"
-        )
+        if result["conditions"][sweep_conds[0]]["sweep"] == "staleness":
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("staleness k (updates between sampling and training; 2 epochs per batch)")
+        else:
+            ax.set_xlabel(
+                "rollout temperature T (log-probs of the distribution sampled; T = 1: on-policy)"
+            )
         ax.set_ylabel("final reward (mean ± std)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2)

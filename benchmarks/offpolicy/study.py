@@ -35,6 +35,7 @@ from offpolicy.conditions import (
     CONDITIONS,
     PHASE2_CONDITIONS,
     QUICK_CONDITIONS,
+    STALENESS_SWEEP,
     SUBSETS,
     Condition,
 )
@@ -176,6 +177,7 @@ def replot(out: Path) -> None:
         out / "results.json",
         out / "microbatch" / "results.json",
         out / "ablation" / "results.json",
+        out / "staleness" / "results.json",
     ]:
         if not path.exists():
             continue
@@ -287,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     if args.steps is not None:
         cfg = dataclasses.replace(cfg, steps=args.steps)
     if args.conditions:
-        conditions = {k: CONDITIONS[k] for k in args.conditions}
+        conditions = {k: (CONDITIONS | STALENESS_SWEEP)[k] for k in args.conditions}
     if args.methods:
         method_names = args.methods
     methods = [(METHODS | ABLATION_METHODS)[m] for m in method_names]
