@@ -70,9 +70,11 @@ _ESS_METRICS: tuple[tuple[str, str, str], ...] = (
     ("ess/mean", "ess", "mean"),
     ("ess/min", "ess_min", "min"),
     ("ess/capped_frac", "capped_frac", "mean"),
+    ("ess/capped_mass", "capped_mass", "mean"),
     ("ess/kl_behavior", "kl_behavior", "mean"),
     ("ess/ratio_mean", "ratio_mean", "mean"),
     ("ess/ratio_max", "ratio_max", "max"),
+    ("ess/ratio_min", "ratio_min", "min"),
     ("ess/regularizer_loss", "regularizer_loss", "mean"),
 )
 
@@ -251,9 +253,11 @@ class ESSGRPOTrainer(GRPOTrainer):
       tool masks (TRL's completion mask).
     * Refused with an error naming the fix: ``use_liger_kernel=True``,
       ``importance_sampling_level="sequence"``, ``use_adaptive_entropy=True``.
-    * Metrics: ``ess/mean``, ``ess/min``, ``ess/capped_frac``, ``ess/kl_behavior``,
-      ``ess/ratio_mean``, ``ess/ratio_max``, ``ess/regularizer_loss``, plus TRL's ``policy_loss``,
-      ``entropy`` and ``kl``; gathered across processes like TRL's clip ratios.
+    * Metrics: ``ess/mean``, ``ess/min``, ``ess/capped_frac``, ``ess/capped_mass``,
+      ``ess/kl_behavior``, ``ess/ratio_mean``, ``ess/ratio_max``, ``ess/ratio_min``,
+      ``ess/regularizer_loss``, plus TRL's ``policy_loss``, ``entropy`` and ``kl``; gathered across
+      processes like TRL's clip ratios (mean; ``ess/min`` and ``ess/ratio_min`` the minimum,
+      ``ess/ratio_max`` the maximum).
     """
 
     _tag_names: ClassVar[list[str]] = ["trl", "grpo", "ess-po"]

@@ -187,18 +187,21 @@ def verl_aggregation(
     return _CORE_MODE[loss_agg_mode], normalizer, scale
 
 
+# The loss parts are inside verl's own actor/pg_loss; a token count is no diagnostic.
+_NOT_LOGGED: Final = ("policy_loss", "regularizer_loss", "num_tokens")
+
+
 def _verl_metrics(metrics: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Core diagnostics under verl's ``actor/`` prefix (``actor/ess``, ``actor/ess_capped_frac``, ...).
 
     Values stay detached 0-dim tensors: verl 0.9 wraps them in ``verl.utils.metric.Metric``, which
     accepts scalar tensors (it calls ``.item()`` itself), so the loss path adds no host sync.
     """
-    keys = ("ess", "ess_min", "capped_frac", "kl_behavior", "ratio_mean", "ratio_max")
     out: dict[str, torch.Tensor] = {}
-    for key in keys:
-        if key in metrics:
+    for key, value in metrics.items():
+        if key not in _NOT_LOGGED:
             name = key if key.startswith("ess") else f"ess_{key}"
-            out[f"actor/{name}"] = metrics[key]
+            out[f"actor/{name}"] = value
     return out
 
 
@@ -256,7 +259,8 @@ def compute_policy_loss_ess(
     Returns:
         ``(loss, metrics)``: scalar loss differentiable w.r.t. ``log_prob`` and a dict of detached
         0-dim tensors ``actor/ess``, ``actor/ess_min``, ``actor/ess_capped_frac``,
-        ``actor/ess_kl_behavior``, ``actor/ess_ratio_mean``, ``actor/ess_ratio_max``.
+        ``actor/ess_capped_mass``, ``actor/ess_kl_behavior``, ``actor/ess_ratio_mean``,
+        ``actor/ess_ratio_max``, ``actor/ess_ratio_min``.
     """
     return _ess_loss(
         old_log_prob,

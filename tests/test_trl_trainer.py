@@ -31,9 +31,11 @@ ESS_KEYS = (
     "ess/mean",
     "ess/min",
     "ess/capped_frac",
+    "ess/capped_mass",
     "ess/kl_behavior",
     "ess/ratio_mean",
     "ess/ratio_max",
+    "ess/ratio_min",
     "ess/regularizer_loss",
 )
 
@@ -250,6 +252,53 @@ def test_default_path_keeps_trl_mask_and_kl(tmp_path, model_dir):
     kl_logged = trainer._metrics["train"]["kl"]
     assert kl_logged[0] == pytest.approx(kl_logged[1], rel=1e-5)  # ours, then TRL's
     assert trainer._metrics["train"]["ess/mean"][0] < 0.99  # the ESS term does see the sampler
+
+
+def test_logged_ess_metrics_are_the_core_diagnostics(tmp_path, monkeypatch):
+    """One loss call on off-policy inputs (stand-in sampler): every ``ess/*`` key holds the
+    diagnostic the core returned for that call (one process: the gather is the identity), and
+    ``ess/capped_mass`` / ``ess/ratio_min`` equal a float64 formula independent of the core.
+    Mutations that fail it: ``ess/ratio_min`` mapped to ``ratio_max``; ``ess/capped_mass`` to
+    ``capped_frac``."""
+    import ess_po.integrations.trl as trl_adapter
+
+    calls = []
+    core = trl_adapter.ess_policy_loss
+
+    def recording_loss(logp_new, logp_old, advantages, mask, **kwargs):
+        calls.append(
+            (
+                logp_new.detach(),
+                logp_old,
+                mask,
+                core(logp_new, logp_old, advantages, mask, **kwargs),
+            )
+        )
+        return calls[-1][-1]
+
+    monkeypatch.setattr(trl_adapter, "ess_policy_loss", recording_loss)
+    trainer = make_vllm_trainer(tmp_path, noise=0.5)
+    trainer._compute_loss(trainer.model, first_inputs(trainer))
+    (logp_new, logp_old, mask, out), logs = calls[0], trainer._metrics["train"]
+    for key, field in (
+        ("ess/mean", "ess"),
+        ("ess/min", "ess_min"),
+        ("ess/capped_frac", "capped_frac"),
+        ("ess/capped_mass", "capped_mass"),
+        ("ess/kl_behavior", "kl_behavior"),
+        ("ess/ratio_mean", "ratio_mean"),
+        ("ess/ratio_max", "ratio_max"),
+        ("ess/ratio_min", "ratio_min"),
+        ("ess/regularizer_loss", "regularizer_loss"),
+    ):
+        assert logs[key] == [pytest.approx(float(getattr(out, field)), rel=1e-6)], key
+    valid = mask.bool()
+    w = (logp_new.double() - logp_old.double()).exp()[valid]
+    rho = w.clamp(max=float(w.sum() ** 2 / (w.numel() * (w**2).sum())))
+    mass = float((w - rho).sum() / w.sum())
+    assert 0 < mass < 1 and float(w.min()) < 1
+    assert logs["ess/capped_mass"][0] == pytest.approx(mass, rel=1e-4)
+    assert logs["ess/ratio_min"][0] == pytest.approx(float(w.min()), rel=1e-4)
 
 
 def test_sampling_logps_are_the_behaviour_policy(tmp_path):
@@ -551,7 +600,8 @@ def test_checkpoint_mid_run_resumes(tmp_path):
 @pytest.mark.slow
 def test_two_processes_share_one_ess(tmp_path):
     """2 CPU ranks (gloo, torchrun): ESS is global (identical on both ranks) while each rank's
-    local diagnostics differ; metrics are gathered into the logs.
+    local diagnostics differ; metrics are gathered into the logs (``ess/ratio_min``: the minimum
+    over ranks; mutation "ess/ratio_min reduced by the mean" fails).
 
     Launch: torchrun's standalone rendezvous on a port the OS picks, on 127.0.0.1, with the
     parent's distributed variables removed; the workers leave through a barrier."""
@@ -562,6 +612,10 @@ def test_two_processes_share_one_ess(tmp_path):
     assert ess0.min() < 1 - 1e-4, ess0  # the off-policy iteration
     assert ranks[0]["kl_behavior"] != ranks[1]["kl_behavior"]  # different local data
     assert ranks[0]["logged_ess"] and all(math.isfinite(v) for v in ranks[0]["logged_ess"])
+    # ess/ratio_min is the minimum over processes (one loss call per logged step here)
+    assert ranks[0]["ratio_min"] != ranks[1]["ratio_min"]
+    lowest = [min(a, b) for a, b in zip(ranks[0]["ratio_min"], ranks[1]["ratio_min"], strict=True)]
+    assert ranks[0]["logged_ratio_min"] == pytest.approx(lowest, rel=1e-6)
     assert ranks[0]["params_changed"] and ranks[1]["params_changed"]
 
 

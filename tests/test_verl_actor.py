@@ -115,11 +115,19 @@ def test_metrics_the_trainer_receives(record: dict, mode: str) -> None:
     micro-batches (and ranks); across mini-batches ``reduce_metrics`` takes the minimum for keys
     containing "min", the maximum for keys containing "max" and the mean otherwise. So
     ``actor/ess_min`` is the smallest mini-batch mean of the per-call ``ess_min`` (not the smallest
-    per-call value) and ``actor/ess_ratio_max`` is the largest mini-batch mean of per-call maxima."""
+    per-call value), ``actor/ess_ratio_max`` is the largest mini-batch mean of per-call maxima and
+    ``actor/ess_ratio_min`` the smallest mini-batch mean of per-call minima."""
     run = record["runs"][mode]
     logged = run["metrics"]
     for key in ("actor/ess", "actor/ess_capped_frac", "actor/ess_kl_behavior"):
         assert logged[key] == pytest.approx(np.mean(_per_step(run["calls"], key)), rel=1e-6)
+    # capped mass: a mean of means; ratio_min: "min" in the key, the smallest mini-batch mean
+    assert logged["actor/ess_capped_mass"] == pytest.approx(
+        np.mean(_per_step(run["calls"], "actor/ess_capped_mass")), rel=1e-6
+    )
+    assert logged["actor/ess_ratio_min"] == pytest.approx(
+        min(_per_step(run["calls"], "actor/ess_ratio_min")), rel=1e-6
+    )
     assert logged["actor/ess_ratio_mean"] == pytest.approx(
         np.mean(_per_step(run["calls"], "actor/ess_ratio_mean")), rel=1e-6
     )

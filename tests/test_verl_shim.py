@@ -385,9 +385,11 @@ def test_metrics_are_detached_scalar_tensors_verl_accepts() -> None:
         "actor/ess",
         "actor/ess_min",
         "actor/ess_capped_frac",
+        "actor/ess_capped_mass",
         "actor/ess_kl_behavior",
         "actor/ess_ratio_mean",
         "actor/ess_ratio_max",
+        "actor/ess_ratio_min",
     }
     for value in metrics.values():
         assert isinstance(value, torch.Tensor) and value.ndim == 0 and not value.requires_grad
@@ -395,6 +397,28 @@ def test_metrics_are_detached_scalar_tensors_verl_accepts() -> None:
     for key, metric in wrapped.items():
         assert isinstance(metric.aggregate(), float)
         assert metric.aggregate() == pytest.approx(float(metrics[key]))
+
+
+@pytest.mark.parametrize("fn", ["compute_policy_loss_ess", "compute_policy_loss_ess_seq"])
+def test_capped_mass_and_ratio_min_against_naive_formula(fn: str) -> None:
+    """``actor/ess_capped_mass`` = sum(w - min(w, ESS)) / sum(w) and ``actor/ess_ratio_min`` =
+    min(w) over the valid tokens, from a float64 formula independent of the core (batch scope;
+    with ``ess_seq`` each sequence is capped at its own ESS). Mutations that fail it: the two
+    ``capped_frac`` logged under ``ess_capped_mass``; ``ratio_max`` under ``ess_ratio_min``."""
+    batch = make_batch(seed=11, drift=0.8)
+    _, _, metrics = run(getattr(shim, fn), batch, "token-mean", None)
+    mask = batch["response_mask"]
+    w = (batch["log_prob"] - batch["old_log_prob"]).double().exp().where(mask, 0.0)
+    if fn == "compute_policy_loss_ess":
+        cap = w.sum() ** 2 / (mask.sum() * (w**2).sum())
+    else:  # one ESS per non-empty row; empty rows hold no ratio mass
+        cap = (w.sum(-1) ** 2 / (mask.sum(-1) * (w**2).sum(-1)).clamp(min=1e-300))[:, None]
+    rho = torch.minimum(w, cap.expand_as(w))
+    mass = float(((w - rho) * mask).sum() / w.sum())
+    assert 0.05 < mass < 0.95  # the cap removes a visible share, not all of it
+    assert float(metrics["actor/ess_capped_mass"]) == pytest.approx(mass, rel=1e-5)
+    assert float(metrics["actor/ess_ratio_min"]) == pytest.approx(float(w[mask].min()), rel=1e-5)
+    assert float(metrics["actor/ess_ratio_min"]) < 1.0 < float(metrics["actor/ess_ratio_max"])
 
 
 @pytest.mark.parametrize("mode", MODES)

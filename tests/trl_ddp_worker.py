@@ -28,13 +28,14 @@ torch.set_num_threads(1)
 
 
 def main(out_dir: Path, mode: str = "micro_batch") -> None:
-    seen: dict[str, list[float]] = {"ess": [], "kl_behavior": []}
+    seen: dict[str, list[float]] = {"ess": [], "kl_behavior": [], "ratio_min": []}
     core = trl_adapter.ess_policy_loss
 
     def recording_loss(*args, **kwargs):
         out = core(*args, **kwargs)
         seen["ess"].append(float(out.ess))
         seen["kl_behavior"].append(float(out.kl_behavior))
+        seen["ratio_min"].append(float(out.ratio_min))
         return out
 
     trl_adapter.ess_policy_loss = recording_loss
@@ -51,7 +52,12 @@ def main(out_dir: Path, mode: str = "micro_batch") -> None:
     trainer.train()
     after = list(trainer.accelerator.unwrap_model(trainer.model).parameters())
     changed = any(not torch.equal(a, b.detach()) for a, b in zip(before, after, strict=True))
-    result = {**seen, "logged_ess": logged(trainer, "ess/mean"), "params_changed": changed}
+    result = {
+        **seen,
+        "logged_ess": logged(trainer, "ess/mean"),
+        "logged_ratio_min": logged(trainer, "ess/ratio_min"),
+        "params_changed": changed,
+    }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
     # Leave together: a rank that exits while the other is still inside a collective makes gloo
     # abort the survivor, and torchrun then reports a failure after a good run.
