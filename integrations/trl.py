@@ -65,7 +65,7 @@ MODEL_INPUT_KEYS: tuple[str, ...] = (
     "image_position_ids",
 )
 
-# (metric name, index in the stacked local statistics, cross-process reduction)
+# (metric name, core diagnostic, cross-process reduction)
 _ESS_METRICS: tuple[tuple[str, str, str], ...] = (
     ("ess/mean", "ess", "mean"),
     ("ess/min", "ess_min", "min"),
