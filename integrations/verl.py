@@ -376,7 +376,13 @@ def _step_prepass(engine: Any, data: Any) -> ESSStats:
     mask = padded["response_mask"].to(torch.bool)
     width = log_prob.shape[-1]
     log_ratio = log_prob.float() - padded["old_log_probs"][:, :width].float()
-    return step_stats([(log_ratio, mask[:, :width])], process_group=_ess_process_group())
+    return _rank_step_stats(log_ratio, mask[:, :width])
+
+
+def _rank_step_stats(log_ratio: torch.Tensor, mask: torch.Tensor) -> ESSStats:
+    """Statistics of this rank's ``(B, T)`` share of the optimizer step, all-reduced over the ESS
+    process group: every rank of the step gets the same ESS (tests/test_verl_step.py, 2 ranks)."""
+    return step_stats([(log_ratio, mask)], process_group=_ess_process_group())
 
 
 def enable_step_scope() -> None:

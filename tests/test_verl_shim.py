@@ -568,6 +568,25 @@ _GLOO_WORKER = """
 """
 
 
+def run_two_gloo_ranks(script: str, tmp_path: Path, timeout: int = 240) -> None:
+    """Run ``python -c script RANK INIT_FILE TMP_PATH`` as ranks 0 and 1 of a gloo group (fresh
+    interpreters, one thread each) and fail with the stderr tail of a rank that fails."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(r), str(tmp_path / "init"), str(tmp_path)],
+            env=_fresh_env({}),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-3000:]
+
+
 @pytest.mark.slow
 def test_gloo_two_ranks_match_single_process(tmp_path: Path) -> None:
     """Property: two data-parallel ranks (gloo), each with half of an off-policy mini-batch and
@@ -581,28 +600,7 @@ def test_gloo_two_ranks_match_single_process(tmp_path: Path) -> None:
         torch.save(half, tmp_path / f"shard{r}.pt")
     torch.save({**global_info(whole, dp_size=2), "mode": mode}, tmp_path / "info.pt")
 
-    env = _fresh_env({})
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                textwrap.dedent(_GLOO_WORKER),
-                str(r),
-                str(tmp_path / "init"),
-                str(tmp_path),
-            ],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-3000:]
+    run_two_gloo_ranks(textwrap.dedent(_GLOO_WORKER), tmp_path)
 
     loss_w, grad_w, metrics_w = run(
         shim.compute_policy_loss_ess, whole, mode, {"global_batch_info": global_info(whole)}

@@ -6,6 +6,8 @@ log-ratio offsets, so the same 2 optimizer steps of 8 sequences are trained with
 ``ppo_micro_batch_size_per_gpu`` = 1, 2, 4 and 8. With ``ess_step`` the pre-pass computes one
 ESS per optimizer step, so the gradient of each step is the same for every split; with ``ess``
 (one ESS per call) it is not. The worker also times each update (3 repeats, see the docs).
+``test_step_scope_two_ranks_equal_one_process`` runs the pre-pass's statistics step (merge and
+all-reduce) and ``ess_step`` on 2 gloo processes, without verl's actor.
 
 Mutation checked: ``compute_policy_loss_ess_step`` passing ``stats=None`` (each call's own ESS
 instead of the pre-pass statistics) fails ``test_step_scope_gradient_is_invariant_to_the_split``
@@ -139,3 +141,74 @@ def test_env_var_installs_the_step_worker_and_ess_step_needs_it() -> None:
     assert "worker TrainingWorker" in outs[""]
     assert "error policy_loss.loss_mode=ess_step needs" in outs["1"]
     assert "ESS_PO_VERL_STEP_SCOPE=1" in outs["1"]
+
+
+# ----------------------------------------------------------------------------- 2 ranks (gloo)
+
+_TWO_RANK_WORKER = """
+import os, sys, torch, torch.distributed as dist
+rank, init_file, out_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+import ess_po.integrations.verl as shim
+from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+loss_fn = get_policy_loss_fn("ess_step")
+shard = torch.load(os.path.join(out_dir, f"shard{rank}.pt"))
+info = torch.load(os.path.join(out_dir, "info.pt"))
+mask, result = shard["response_mask"], {}
+for micro in (1, 2, 4):
+    # What the pre-pass worker does with this rank's mini-batch (its log-probs come from a
+    # no-grad forward there): the statistics of the rank's share, all-reduced, for every call.
+    shim._step_stats = shim._rank_step_stats(shard["log_prob"] - shard["old_log_prob"], mask)
+    log_prob = shard["log_prob"].clone().requires_grad_(True)
+    ess = []
+    for start in range(0, mask.shape[0], micro):
+        sl = slice(start, start + micro)
+        loss, metrics = loss_fn(
+            old_log_prob=shard["old_log_prob"][sl], log_prob=log_prob[sl],
+            advantages=shard["advantages"][sl], response_mask=mask[sl],
+            loss_agg_mode="token-mean", config={"global_batch_info": info},
+            rollout_is_weights=shard["rollout_is_weights"][sl])
+        loss.backward()
+        ess.append(metrics["actor/ess"])
+    shim._step_stats = None
+    result[micro] = {"grad": log_prob.grad, "ess": torch.stack(ess)}
+torch.save(result, os.path.join(out_dir, f"out{rank}.pt"))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_step_scope_two_ranks_equal_one_process(tmp_path: Path) -> None:
+    """Two data-parallel ranks (gloo processes), each with half of an off-policy mini-batch of 8
+    sequences (one fully masked) split into micro-batches of 1, 2 and 4: with ``ess_step`` and
+    the statistics the pre-pass worker computes (``_rank_step_stats``), every call on both ranks
+    reports the ESS of all 8 sequences (float64 formula, independent of the core), and the
+    rank-averaged gradient (DDP's reduction) equals one ``ess`` call over the whole mini-batch
+    in one process. Each half's own ESS differs from the whole's, so a rank that skipped the
+    all-reduce would be caught. Mutation checked: ``sync=False`` in ``_rank_step_stats`` (no
+    all-reduce) fails it."""
+    from test_verl_shim import global_info, make_batch, rows, run, run_two_gloo_ranks
+
+    shim = pytest.importorskip("ess_po.integrations.verl")
+    whole = make_batch(batch_size=8, horizon=7, seed=21, drift=0.6)
+    halves = [rows(whole, slice(0, 4)), rows(whole, slice(4, 8))]
+    for r, half in enumerate(halves):
+        torch.save(half, tmp_path / f"shard{r}.pt")
+    torch.save(global_info(whole, dp_size=2), tmp_path / "info.pt")
+    run_two_gloo_ranks(_TWO_RANK_WORKER, tmp_path)
+
+    log_ratio = lambda b: b["log_prob"] - b["old_log_prob"]  # noqa: E731
+    expected = _ess(log_ratio(whole), whole["response_mask"])
+    for half in halves:
+        assert abs(_ess(log_ratio(half), half["response_mask"]) - expected) > 1e-2
+    _, grad_whole, metrics = run(
+        shim.compute_policy_loss_ess, whole, "token-mean", {"global_batch_info": global_info(whole)}
+    )
+    assert float(metrics["actor/ess"]) == pytest.approx(expected, rel=1e-6)
+    outs = [torch.load(tmp_path / f"out{r}.pt") for r in range(2)]
+    for micro in (1, 2, 4):
+        for out in outs:
+            assert out[micro]["ess"].tolist() == pytest.approx([expected] * (4 // micro), rel=1e-6)
+        assert_close(torch.cat([out[micro]["grad"] for out in outs]) / 2, grad_whole)
