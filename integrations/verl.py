@@ -37,8 +37,9 @@ the core's default (valid tokens / non-empty sequences of this call), exactly ve
 verl's data-parallel all-reduce *averages* gradients, hence the ``dp_size`` factor; with the
 global normaliser the micro-batch gradients then *sum* to the gradient of the full mini-batch.
 
-ESS itself is a per-call statistic all-reduced over data-parallel ranks by the core (see
-:func:`set_process_group`); it is not shared across micro-batches.
+With ``ess`` and ``ess_seq`` the ESS is a per-call statistic, all-reduced over the ranks that
+hold different tokens (see :func:`set_process_group`), so it depends on the micro-batch size;
+``ess_step`` shares one ESS across every micro-batch and rank of the optimizer step.
 """
 
 from __future__ import annotations
