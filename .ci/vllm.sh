@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 
 VENV=.venv-vllm
 start=$SECONDS
+# VLLM_PHASE: "all" (default), "install" (build the venv only) or "test" (use the built venv).
+phase="${VLLM_PHASE:-all}"
 
+if [[ "$phase" != "test" ]]; then
 echo "== vllm: venv $VENV"
 python3 -m venv "$VENV"
 # shellcheck disable=SC1091
@@ -23,6 +26,10 @@ pip install -q -c constraints.txt -c constraints-vllm.txt -e ".[trl]" pytest vll
 # vllm: "Could not load ... libtorchcodec_image.so"). Text-only generation needs none of them.
 pip uninstall -q -y torchvision torchaudio torchcodec
 echo "   install took $((SECONDS - start)) s"
+fi
+[[ "$phase" == "install" ]] && exit 0
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
 
 echo "== vllm: tests"
 python -m pytest tests/vllm_engine -q -p no:cacheprovider

@@ -19,7 +19,7 @@ The multi-process run is marked slow: the layouts take < 0.3 s each, but each of
 processes first imports torch, megatron-core and verl (66-113 s of wall time over 7 runs on a
 loaded 2-core machine; 2-3 min per run in all). It needs
 ``pip install --no-deps megatron-core==0.16.1`` and is skipped without it, unless
-``ESS_PO_REQUIRE_MEGATRON=1`` (CI: ``.ci/parallel.sh``) turns the skip into a failure.
+``ESS_PO_REQUIRE_MEGATRON=1`` (set by ``.ci/run``) turns the skip into a failure.
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ def runs() -> Iterator[dict[int, dict[str, Any]]]:
         if os.environ.get("ESS_PO_REQUIRE_MEGATRON"):
             pytest.fail("ESS_PO_REQUIRE_MEGATRON is set but megatron-core 0.16 is not installed")
         pytest.skip(
-            "megatron-core 0.16 not installed: pip install --no-deps megatron-core==0.16.1 "
-            "(CI runs .ci/parallel.sh)"
+            "megatron-core 0.16 not installed: pip install -c constraints.txt -e '.[test]' "
+            "(Linux, CPython 3.10-3.12)"
         )
     pytest.importorskip("verl")
     with tempfile.TemporaryDirectory(prefix="ess-po-parallel-") as out:

@@ -9,6 +9,7 @@ local behaviour KL that every loss call saw, plus the logged ess/mean. With a se
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +64,12 @@ def main(out_dir: Path, mode: str = "micro_batch") -> None:
     # abort the survivor, and torchrun then reports a failure after a good run.
     dist.barrier()
     dist.destroy_process_group()
+    # Skip interpreter teardown: freeing DDP's reducer at exit can deadlock against gloo's worker
+    # thread (seen once under py-spy: main thread in the reducer's destructor, gloo's thread
+    # waiting for the GIL). The results are already on disk.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
