@@ -240,8 +240,26 @@ def _titles(mds: list[Path], folder: Path) -> list[str | None]:
     return out
 
 
+_HEADING = re.compile(r"^(#{2,6}) (.+?)\s*$", re.MULTILINE)
+
+
+def _unique_headings(text: str, seen: set[str], qualifier: str) -> str:
+    """Qualify a heading already used on the page with the results folder's name (several
+    folders of one study share file names and section titles)."""
+
+    def rename(m: re.Match[str]) -> str:
+        title = m.group(2)
+        if title in seen:
+            title = f"{title} ({qualifier})"
+        seen.add(title)
+        return f"{m.group(1)} {title}"
+
+    return _HEADING.sub(rename, text)
+
+
 def expand_results(markdown: str, docs_dir: Path, page_dir: Path) -> str:
     """Replace each results marker by the folder's Markdown and figures."""
+    seen = {m.group(2) for m in _HEADING.finditer(_MARKER.sub("", markdown))}
 
     def expand(m: re.Match[str]) -> str:
         folder = (docs_dir / m.group(1)).resolve()
@@ -278,7 +296,7 @@ def expand_results(markdown: str, docs_dir: Path, page_dir: Path) -> str:
             for md, title in zip(mds, _titles(mds, folder), strict=True)
         ]
         parts += ordered.get(None, [])
-        return "\n\n".join(parts)
+        return _unique_headings("\n\n".join(parts), seen, folder.name.replace("_", " "))
 
     return _MARKER.sub(expand, markdown)
 
