@@ -35,6 +35,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     ) from err
 
 from ess_po import ESSStats, ess_policy_loss, step_stats
+from ess_po.aggregation import aggregate
 
 __all__ = ["SUPPORTED_LOSS_TYPES", "ESSGRPOConfig", "ESSGRPOTrainer"]
 
@@ -384,16 +385,6 @@ class ESSGRPOTrainer(GRPOTrainer):
             parts.append((current - logp_old, mask))
         return step_stats(parts)
 
-    @staticmethod
-    def _aggregate(
-        per_token: torch.Tensor, mask: torch.Tensor, agg_mode: str, normalizer: torch.Tensor | float
-    ) -> torch.Tensor:
-        """Aggregate an extra per-token term (KL) exactly like the policy term."""
-        if agg_mode == "seq-mean-token-mean":
-            per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-            return per_seq.sum() / normalizer
-        return (per_token * mask).sum() / normalizer
-
     # -- the hook ----------------------------------------------------------------------------
 
     def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
@@ -464,7 +455,9 @@ class ESSGRPOTrainer(GRPOTrainer):
             per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
             if self.args.use_bias_correction_kl:
                 per_token_kl = per_token_kl * torch.exp(per_token_logps - trl_old)
-            loss = loss + self.beta * self._aggregate(per_token_kl, mask, agg_mode, normalizer)
+            # The core's aggregation, as for the policy term (it expects 0 at masked tokens).
+            kl = aggregate(per_token_kl * mask, mask.bool(), agg_mode, normalizer)
+            loss = loss + self.beta * kl
         policy_loss = loss.detach() * log_scale
 
         accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0

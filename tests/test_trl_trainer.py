@@ -69,7 +69,7 @@ EQUALITY_CASES = {
     "bnpo": {"loss_type": "bnpo", "gradient_accumulation_steps": 2},  # mutation: num_items_in_batch
     "dr_grpo": {"loss_type": "dr_grpo", "gradient_accumulation_steps": 2},  # mutation: mask.sum()
     "luspo": {"loss_type": "luspo", "gradient_accumulation_steps": 2},  # mutation: token-mean
-    # mutation: `_aggregate` without the per-sequence mean (KL as a token sum) fails
+    # mutation: the KL term aggregated as token-mean (no per-sequence mean) fails
     "grpo-kl": {"loss_type": "grpo", "beta": 0.1},
     # truncated completions are all-masked rows (TRL's completion mask): bnpo's token count
     "bnpo-truncated": {"loss_type": "bnpo", "mask_truncated_completions": True},
