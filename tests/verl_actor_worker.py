@@ -1,6 +1,8 @@
 """Subprocess driver for ``tests/test_verl_actor.py``: verl 0.9.1's own actor update on the CPU.
 
-Usage: ``python tests/verl_actor_worker.py OUT_DIR``. Writes ``OUT_DIR/result.pt``.
+Usage: ``python tests/verl_actor_worker.py OUT_DIR [step]`` writes ``OUT_DIR/result.pt``;
+``torchrun --nproc_per_node=N tests/verl_actor_worker.py OUT_DIR ranks`` (N = 1 or 2 gloo
+processes, see :func:`main_ranks`) writes ``OUT_DIR/rank{r}.pt``.
 
 The chain exercised is verl's: trainer (``RayPPOTrainer._compute_old_log_prob`` and
 ``RayPPOTrainer._update_actor``, called on a minimal host object holding the Hydra config and
@@ -27,6 +29,7 @@ defaults: AdamW, FSDP mixed precision with bf16 compute and fp32 parameters / re
 
 from __future__ import annotations
 
+import pickle
 import sys
 import tempfile
 import time
@@ -177,6 +180,21 @@ def old_log_prob(host: Any, batch: Any) -> Any:
     return out
 
 
+def with_known_offsets(host: Any, batch: Any, offsets: Any = None) -> tuple[Any, Any]:
+    """``batch`` with ``old_log_probs`` = verl's recomputed log-probs - ``offsets``; with the
+    policy frozen (lr 0) the log-ratio of every valid token is then exactly ``offsets``
+    (``None``: draw them, 0.5 N(0, 1) on valid tokens, seed 1). Returns the batch and offsets."""
+    import torch
+
+    recomputed = old_log_prob(host, batch)
+    if offsets is None:
+        g = torch.Generator().manual_seed(1)
+        offsets = 0.5 * torch.randn(recomputed.batch["old_log_probs"].shape, generator=g)
+        offsets *= batch.batch["response_mask"]
+    recomputed.batch["old_log_probs"] = recomputed.batch["old_log_probs"] - offsets
+    return batch.union(recomputed), offsets
+
+
 def update(host: Any, batch: Any) -> dict[str, float]:
     from verl.trainer.ppo.ray_trainer import RayPPOTrainer
     from verl.utils.metric import reduce_metrics
@@ -256,14 +274,7 @@ def main_step_scope(out_dir: Path) -> None:
             micro=micro,
             extra=[f"+actor_rollout_ref.actor.fsdp_config.mixed_precision={{param_dtype:{dtype}}}"],
         )
-        batch = make_batch(tokenizer)
-        recomputed = old_log_prob(host, batch)
-        if offsets is None:
-            g = torch.Generator().manual_seed(1)
-            offsets = 0.5 * torch.randn(recomputed.batch["old_log_probs"].shape, generator=g)
-            offsets *= batch.batch["response_mask"]
-        recomputed.batch["old_log_probs"] = recomputed.batch["old_log_probs"] - offsets
-        batch = batch.union(recomputed)
+        batch, offsets = with_known_offsets(host, make_batch(tokenizer), offsets)
         seconds, first = [], len(spy.calls)
         for _ in range(REPEATS):
             start = time.perf_counter()
@@ -282,6 +293,92 @@ def main_step_scope(out_dir: Path) -> None:
     result["seconds"] = time.time() - t0
     torch.save(result, out_dir / "result.pt")
     print(f"done in {result['seconds']:.1f} s")
+
+
+class RankView:
+    """This rank's side of verl's worker group, for a trainer method called on every rank.
+
+    verl's Ray worker group dispatches ``update_actor`` (``make_nd_compute_dataproto_dispatch_fn``)
+    by splitting the batch into ``dp_size`` chunks with verl's own
+    ``_split_args_kwargs_data_proto`` and handing chunk ``r`` to rank ``r``; here each rank
+    takes its chunk from the same function. ``compute_log_prob`` runs on the whole batch on
+    every rank (the FSDP forward is collective, the data need not differ), so each rank holds
+    all ``old_log_probs`` without a gather."""
+
+    def __init__(self, worker: Any) -> None:
+        import torch.distributed as dist
+
+        self.worker, self.rank, self.world = worker, dist.get_rank(), dist.get_world_size()
+
+    def compute_log_prob(self, data: Any) -> Any:
+        return self.worker.compute_log_prob(data)
+
+    def update_actor(self, data: Any) -> Any:
+        from verl.single_controller.base.decorator import _split_args_kwargs_data_proto
+
+        (chunks,), _ = _split_args_kwargs_data_proto(self.world, data)
+        # Ray hands the worker a deserialised copy of its chunk (the chunk itself is a locked
+        # view of the batch, which verl's worker modifies in place).
+        return self.worker.update_actor(pickle.loads(pickle.dumps(chunks[self.rank])))
+
+
+def rank_order(world: int) -> list[int]:
+    """Row order handed to the trainer so that, after verl's dispatch (rank ``r`` gets chunk
+    ``r``) and mini-batch split (consecutive rows of each chunk), optimizer step ``s`` trains
+    rows ``8 s .. 8 s + 7`` on every world size: rank ``r`` holds rows ``8 s + 4 r .. + 3``."""
+    per_rank = 8 // world
+    return [
+        8 * s + per_rank * r + i for r in range(world) for s in range(2) for i in range(per_rank)
+    ]
+
+
+def main_ranks(out_dir: Path) -> None:
+    """Step scope over data-parallel ranks (issue 15), one rank of a ``torchrun`` group (1 or 2
+    gloo processes): the same 2 optimizer steps of 8 sequences (frozen policy, known log-ratio
+    offsets, fp32 compute) with ``ess_step`` and ``ess``, micro-batches of 1 and 4 sequences per
+    rank. Writes ``OUT_DIR/rank{RANK}.pt``: per run the gradients of each optimizer step (full
+    tensors, identical on every rank), this rank's loss calls and the reduced metrics."""
+    import torch
+    import torch.distributed as dist
+
+    t0 = time.time()
+    tmp = Path(tempfile.mkdtemp(prefix="verl_ranks_"))
+    vcs.setup(tmp / "init")
+    from ess_po.integrations.verl import enable_step_scope
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tokenizer = vcs.save_tiny_model(tmp / "model")
+    enable_step_scope()
+    spy = LossSpy(["ess", "ess_step"])
+    result: dict[str, Any] = {"runs": {}, "world": world, "rank": rank}
+    offsets = None
+    for mode in ("ess_step", "ess"):
+        for micro in (1, 4):
+            host, grads = build_worker(
+                tmp / "model",
+                mode,
+                lr=0.0,
+                micro=micro,
+                extra=["+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32}"],
+            )
+            host.actor_rollout_wg = RankView(host.actor_rollout_wg)
+            batch, offsets = with_known_offsets(host, make_batch(tokenizer), offsets)
+            first = len(spy.calls)
+            metrics = update(host, batch.select_idxs(rank_order(world)))
+            result["runs"][f"{mode}_micro{micro}"] = {
+                "grads": grads[:2],
+                "metrics": metrics,
+                "calls": spy.calls[first:],
+                "micro": micro,
+                "old_log_probs": batch.batch["old_log_probs"].clone(),
+            }
+    result["offsets"] = offsets
+    result["response_mask"] = batch.batch["response_mask"].clone()
+    result["seconds"] = time.time() - t0
+    torch.save(result, out_dir / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+    print(f"rank {rank} of {world} done in {result['seconds']:.1f} s")
 
 
 def main(out_dir: Path) -> None:
@@ -365,5 +462,7 @@ def main(out_dir: Path) -> None:
 if __name__ == "__main__":
     if sys.argv[2:] == ["step"]:
         main_step_scope(Path(sys.argv[1]))
+    elif sys.argv[2:] == ["ranks"]:
+        main_ranks(Path(sys.argv[1]))
     else:
         main(Path(sys.argv[1]))

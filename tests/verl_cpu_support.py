@@ -154,7 +154,11 @@ def _platform_cpu_class() -> type:
 
 
 def setup(init_file: Path) -> None:
-    """Apply workarounds 1, 2 and 5 and start a one-process gloo group (rank 0 of 1)."""
+    """Apply workarounds 1, 2 and 5 and start the gloo group.
+
+    One process (rank 0 of 1, a ``file://`` rendezvous at ``init_file``) unless a launcher set
+    ``WORLD_SIZE`` > 1 (``torchrun``): then the ``env://`` rendezvous of its ``MASTER_ADDR`` /
+    ``MASTER_PORT``, ``RANK`` and ``WORLD_SIZE``, which verl's worker also reads."""
     hide_trl()
     os.environ["VERL_ENGINE_DEVICE"] = "cuda"
     for key, value in {
@@ -171,8 +175,13 @@ def setup(init_file: Path) -> None:
     set_platform(_platform_cpu_class()())
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    if dist.is_initialized():
+        return
+    world = int(os.environ["WORLD_SIZE"])
+    if world == 1:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    else:
+        dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=world)
 
 
 def compose(overrides: list[str]) -> Any:
@@ -216,3 +225,36 @@ def run_actor_worker(out_dir: Path, *args: str, timeout: int) -> dict[str, Any]:
     if proc.returncode != 0:
         raise AssertionError(proc.stderr[-4000:])
     return torch.load(out_dir / "result.pt", weights_only=False)
+
+
+def run_actor_ranks(out_dir: Path, world: int, *, timeout: int) -> list[dict[str, Any]]:
+    """Run ``tests/verl_actor_worker.py OUT_DIR ranks`` as ``world`` gloo processes and load the
+    ``rank{r}.pt`` each writes.
+
+    Launch as in ``tests/trl_helpers.py::run_two_processes``: torchrun's standalone rendezvous on
+    a port the OS picks, on 127.0.0.1 (gloo bound to the loopback interface), the parent's
+    distributed variables removed (and verl's external-module variables), one thread per
+    process, a wall-clock timeout; the workers leave through a
+    barrier. On failure the launcher's output tail is the assertion message."""
+    import subprocess
+
+    from trl_helpers import _worker_env  # the TRL 2-rank test's scrubbed environment
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in _worker_env().items() if not k.startswith("VERL_USE_EXTERNAL")}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={world}",
+        "--standalone",
+        "--local-addr=127.0.0.1",
+        str(repo / "tests" / "verl_actor_worker.py"),
+        str(out_dir),
+        "ranks",
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
