@@ -180,7 +180,7 @@ def test_run_cell_is_finite(init_state, condition, method):
 
 def test_micro_batched_run_reports_per_call_ess(init_state):
     run = train.run_cell(
-        CFG, C.QUICK_CONDITIONS["stale-4-ep2"], M.PHASE2_METHODS["ess-ref-mb1-call"], 0, init_state
+        CFG, C.QUICK_CONDITIONS["stale-4-ep2"], M.PHASE2_METHODS["ess-mb1-call"], 0, init_state
     )
     _check_run(run, CFG.steps)
     assert len(run["call_ess_min"]) == CFG.steps
@@ -250,3 +250,21 @@ def test_ablations_drop_the_regulariser_or_the_cap():
     w = (new - old).detach().exp()
     pg = -(w * adv.unsqueeze(-1) * new * mask).sum() / mask.sum()
     torch.testing.assert_close(nocap, pg + reg)
+
+
+def test_library_step_scope_makes_micro_batched_updates_exact():
+    """The micro-batch comparison's library path (``ess_policy_loss(..., stats=step_stats(...))``
+    in ``train._update_loss``): 8 calls of 1 sequence give the whole update's gradient with step
+    scope and a different one with per-call scope.
+
+    Mutation check: computing ``stats`` from the first micro-batch only (instead of all of them)
+    fails the step-scope assertion."""
+    new, old, adv, mask = _batch(2, b=8)
+    batch = train.Rollout(None, None, mask, old, None, adv)
+    grads = {}
+    for name in ("ess-whole", "ess-mb1-step", "ess-mb1-call"):
+        logp = new.detach().clone().requires_grad_(True)
+        loss, _ = train._update_loss(M.PHASE2_METHODS[name], logp, batch, None)
+        (grads[name],) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(grads["ess-mb1-step"], grads["ess-whole"], rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(grads["ess-mb1-call"], grads["ess-whole"], rtol=1e-3, atol=1e-6)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import baselines
 import torch
 
-from ess_po import effective_sample_size, ess_policy_loss
+from ess_po import ESSStats, effective_sample_size, ess_policy_loss
 
 CORRECTION_CAP = 2.0
 """Cap :math:`C` of TIS and MIS."""
@@ -136,12 +136,17 @@ def policy_loss(
     trainer_old: torch.Tensor | None = None,
     *,
     ess: torch.Tensor | None = None,
+    stats: ESSStats | None = None,
     normalizer: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of ``method`` on one (micro-)batch; returns ``(loss, extra diagnostics)``."""
+    """Loss of ``method`` on one (micro-)batch; returns ``(loss, extra diagnostics)``.
+
+    ``stats`` (library ESS) / ``ess`` (``ess-ref``): the step-scope ESS of a micro-batched update;
+    ``normalizer``: the update's valid-token count (token-mean over the whole update).
+    """
     if method.kind == "ess":
-        out = ess_policy_loss(logp, behaviour, advantages, mask)
-        return out.loss, {"capped_frac": float(out.capped_frac)}
+        out = ess_policy_loss(logp, behaviour, advantages, mask, normalizer=normalizer, stats=stats)
+        return out.loss, {"capped_frac": float(out.capped_frac), "call_ess": float(out.ess)}
     if method.kind == "ess-ref":
         loss, e = ess_variant_loss(
             logp,
@@ -233,12 +238,13 @@ QUICK_METHODS = (
 PHASE2_METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("ess-ref-whole", "ess-ref"),
-        Method("ess-ref-mb8-call", "ess-ref", micro_batch=8, scope="call"),
-        Method("ess-ref-mb8-step", "ess-ref", micro_batch=8, scope="step"),
-        Method("ess-ref-mb1-call", "ess-ref", micro_batch=1, scope="call"),
-        Method("ess-ref-mb1-step", "ess-ref", micro_batch=1, scope="step"),
+        Method("ess-whole", "ess"),
+        Method("ess-mb8-call", "ess", micro_batch=8, scope="call"),
+        Method("ess-mb8-step", "ess", micro_batch=8, scope="step"),
+        Method("ess-mb1-call", "ess", micro_batch=1, scope="call"),
+        Method("ess-mb1-step", "ess", micro_batch=1, scope="step"),
     )
 }
-"""Issue 15's comparison: the L = 50 reference ESS loss with one call per update (whole step),
-8 calls of 8 sequences and 64 calls of 1, each with per-call or step-scope ESS."""
+"""Issue 15's comparison, with the library's loss (``ess_po.ess_policy_loss``): one call per
+update (whole step), 8 calls of 8 sequences and 64 calls of 1, each with per-call ESS or the
+step's statistics (``ess_po.step_stats``, passed as ``stats=`` to every call)."""

@@ -5,11 +5,18 @@ r"""Orchestration of the off-policy study: plan the cells, run them in worker pr
     python benchmarks/offpolicy_study.py --quick --out /tmp/offpolicy-quick    # CI smoke (< 3 min)
     python benchmarks/offpolicy_study.py --replot             # tables/plots from results.json
 
-Part ``main``: every condition of :data:`offpolicy.conditions.CONDITIONS` x every method of :data:`offpolicy.methods.METHODS`
-(restricted per condition by :data:`~offpolicy.conditions.SUBSETS`, unless ``--methods`` names
-the methods). Part ``microbatch``
-(issue 15's evidence): :data:`~offpolicy.conditions.PHASE2_CONDITIONS` x
-:data:`~offpolicy.methods.PHASE2_METHODS`, written under ``<out>/microbatch``.
+Parts (``--parts``, default all; one pool runs every cell of every part, a cell shared by two
+parts runs once):
+
+* ``main``: every condition of :data:`offpolicy.conditions.CONDITIONS` x every method of
+  :data:`offpolicy.methods.METHODS` (restricted per condition by
+  :data:`~offpolicy.conditions.SUBSETS`, unless ``--methods`` names the methods);
+* ``staleness``: :data:`~offpolicy.conditions.STALENESS_SWEEP` x every method, in
+  ``<out>/staleness``;
+* ``ablation``: ESS without its regulariser and without its cap, in :data:`ABLATION_CONDITIONS`,
+  in ``<out>/ablation``;
+* ``microbatch`` (issue 15's evidence): :data:`~offpolicy.conditions.PHASE2_CONDITIONS` x
+  :data:`~offpolicy.methods.PHASE2_METHODS`, in ``<out>/microbatch``.
 """
 
 from __future__ import annotations
@@ -104,7 +111,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=5, help="seeds per cell")
     p.add_argument("--steps", type=int, default=None, help="RL steps per run")
     p.add_argument("--workers", type=int, default=2, help="processes (1 torch thread each)")
-    p.add_argument("--parts", nargs="*", default=["main", "microbatch"], help="main, microbatch")
+    p.add_argument(
+        "--parts",
+        nargs="*",
+        default=["main", "staleness", "ablation", "microbatch"],
+        help="main, staleness, ablation, microbatch (default: all)",
+    )
     p.add_argument("--conditions", nargs="*", default=None, help=f"subset of {list(CONDITIONS)}")
     p.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(METHODS)}")
     p.add_argument(
@@ -127,39 +139,50 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+_READING = (
+    "Reading notes (analytic, not results): the three ESS variants differ only where a token's "
+    "log-ratio d leaves [-10, 10] (`ess-tail10` only below -10); the table of smallest "
+    "log-ratios says whether that happened. TIS and MIS reduce to clip-0.2 where the trainer's "
+    "old log-probs equal the engine's (fp32 sampler, no staleness), so they run only in the "
+    "other conditions."
+)
+
 NOTES = {
     "main": [
-        "Reading notes (analytic, not results): the three ESS variants differ only where a "
-        "token's log-ratio d leaves [-10, 10] (`ess-tail10` only below -10); the table of "
-        "smallest log-ratios says whether that happened. TIS and MIS reduce to clip-0.2 where "
-        "the trainer's old log-probs equal the engine's (fp32 sampler, no staleness), so they "
-        "run only in the other conditions.",
+        _READING,
         "",
-        "Calibration and cuts (before the study, from single-seed probes): lr 1e-3 is the "
-        "previous study's (picked for on-policy clip-0.2); the warm start of 100 supervised "
-        "steps puts RL at reward ~0.6 with room to climb (25 steps gave 0.24 and a slow climb, "
-        "200 gave 0.70); sampling temperatures 1.5 and 2 and 32-step staleness were chosen "
-        "because in one-seed probes T = 2 collapsed clip-0.2 and k = 32 with 2 epochs lowered "
-        "it (the issue asks for a regime where clipping degrades). To fit a machine shared with other jobs the runs are "
-        "50 RL steps (the previous study ran 200), the ESS tail variants run only where "
-        "log-ratios are largest, and some conditions run a subset of methods (see the n/a "
-        "cells).",
+        "Calibration (before the study, single-seed probes of on-policy ESS): the task is "
+        "reversing 8 characters with partial credit. With lr 5e-4 and a 100-step supervised "
+        "warm start, the on-policy reward rises over the whole 300-step run (about 0.52 to "
+        "0.76), so a run that stops rising or falls can be told from slow learning; with 5 "
+        "characters, or lr 1e-3, it flattened after about 150 steps. Temperatures 1.5 and 2 "
+        "were chosen for the sweep because T = 2 collapsed clip-0.2 in a probe (the issue asks "
+        "for a regime where clipping degrades). The two un-tempered-log-prob and on-policy "
+        "conditions run two methods: every method has the same gradient there.",
+        "",
+    ],
+    "staleness": [
+        _READING,
+        "",
+        "Staleness sweep: asynchronous rollouts, each batch sampled k updates before it is "
+        "trained, 2 optimizer updates per batch; the trainer and engine are otherwise equal "
+        "(fp32, T = 1).",
         "",
     ],
     "ablation": [
-        "Ablation of the ESS objective (`--methods ess ess-noreg ess-nocap`, written to "
-        "`<out>/ablation`): `ess-noreg` drops the regulariser (1 - ESS) k3(d) and keeps the "
-        "capped score-function term; `ess-nocap` weights each token by w instead of "
-        "min(w, ESS) and keeps the regulariser.",
+        "Ablation of the ESS objective: `ess-noreg` drops the regulariser (1 - ESS) k3(d) and "
+        "keeps the capped score-function term; `ess-nocap` weights each token by w instead of "
+        "min(w, ESS) and keeps the regulariser. Run in the conditions with the largest "
+        "log-ratios.",
         "",
     ],
     "microbatch": [
-        "Micro-batch comparison (issue 15): the ESS loss (reference implementation with the "
-        "library's tail, equal to `ess_po.ess_policy_loss` in loss and gradient on a whole "
-        "batch) with each optimizer update's 64 sequences split into calls of 8 or 1 "
-        "sequences, token-mean over the step's token count, gradients summed; `call` scope: "
-        "one ESS per call (today's default, as in the reference implementation); `step` "
-        "scope: one ESS over the whole update, given to every call. `whole` = one call.",
+        "Micro-batch comparison (issue 15), with the library's loss `ess_po.ess_policy_loss`: "
+        "each optimizer update's 64 sequences split into calls of 8 or 1 sequences, token-mean "
+        "over the update's token count, gradients summed. `call` scope: one ESS per call "
+        "(the default, as in the reference implementation); `step` scope: "
+        "`ess_po.step_stats` over the whole update, passed to every call as `stats=`. "
+        "`whole` = one call per update.",
         "",
     ],
 }
@@ -190,80 +213,145 @@ def replot(out: Path) -> None:
         _write(result, path.parent, result.get("part", "main"))
 
 
-def _part_of(out: Path) -> str:
-    return "ablation" if out.name == "ablation" else "main"
+ABLATION_CONDITIONS = ("temp-2.0", "fp8-stale-4-ep2", "stale-32-ep2")
+"""Where the ablation runs: the conditions with the largest log-ratios."""
 
 
-def run_part(
-    part: str,
+@dataclasses.dataclass
+class Part:
+    """One part of the study: its cells and where its results go."""
+
+    name: str
+    conditions: dict[str, Condition]
+    methods: list[Method]
+    subsets: dict[str, Sequence[str]]
+    out: Path
+
+
+def parts_to_run(args: argparse.Namespace, out: Path) -> list[Part]:
+    """The study's parts (``--parts``), with ``--quick`` / ``--conditions`` / ``--methods``."""
+    everything = CONDITIONS | STALENESS_SWEEP
+    main_conditions, main_methods = CONDITIONS, list(METHODS.values())
+    stale_conditions, stale_methods = STALENESS_SWEEP, list(METHODS.values())
+    ablation_conditions = ABLATION_CONDITIONS
+    p2_conditions, p2_methods = PHASE2_CONDITIONS, list(PHASE2_METHODS.values())
+    if args.quick:
+        main_conditions = QUICK_CONDITIONS
+        main_methods = [METHODS[m] for m in QUICK_METHODS]
+        p2_conditions = {"stale-4-ep2": QUICK_CONDITIONS["stale-4-ep2"]}
+        p2_methods = [PHASE2_METHODS["ess-mb8-call"], PHASE2_METHODS["ess-mb1-step"]]
+        stale_conditions = {k: STALENESS_SWEEP[k] for k in ("stale-4-ep2", "stale-16-ep2")}
+        stale_methods = main_methods
+        ablation_conditions = ("stale-4-ep2",)
+    # An explicit --methods list runs every listed method in every condition.
+    subsets = {} if args.methods else SUBSETS
+    if args.conditions:
+        main_conditions = {k: everything[k] for k in args.conditions}
+    if args.methods:
+        main_methods = [(METHODS | ABLATION_METHODS)[m] for m in args.methods]
+    ablation = [METHODS["ess"], *ABLATION_METHODS.values()]
+    table = {
+        "main": Part("main", main_conditions, main_methods, subsets, out),
+        "staleness": Part("staleness", stale_conditions, stale_methods, {}, out / "staleness"),
+        "ablation": Part(
+            "ablation",
+            {k: everything[k] for k in ablation_conditions},
+            ablation,
+            {},
+            out / "ablation",
+        ),
+        "microbatch": Part("microbatch", p2_conditions, p2_methods, {}, out / "microbatch"),
+    }
+    unknown = sorted(set(args.parts) - set(table))
+    if unknown:
+        raise ValueError(f"--parts: unknown {unknown}; choose from {list(table)}")
+    return [table[name] for name in args.parts]
+
+
+def run_parts(
+    parts: list[Part],
     cfg: StudyConfig,
-    conditions: dict[str, Condition],
-    methods: list[Method],
     seeds: list[int],
     args: argparse.Namespace,
     argv: list[str],
-    out: Path,
     pool: Any,
     states: dict[int, dict[str, torch.Tensor]],
-) -> dict[str, Any]:
+) -> dict[str, dict[str, Any]]:
+    """Run every cell of every part in one pool (costliest first within a seed), then write
+    each part's results."""
     env = environment(argv)
     env["workers"] = args.workers
     if args.note:
         env["shared_note"] = args.note
     t0 = time.perf_counter()
-    # An explicit --methods list runs every listed method in every condition.
-    cells = plan(conditions, methods, seeds, {} if args.methods else SUBSETS)
-    print(f"[{part}] {len(cells)} runs, {len(seeds)} seeds, {cfg.steps} steps", flush=True)
+    # A cell shared by several parts (e.g. ESS at stale-32-ep2 in the staleness sweep and the
+    # ablation) runs once and is reported in each.
+    unique: dict[tuple[str, str, int], tuple[Condition, Method, int]] = {}
+    owners: dict[tuple[str, str, int], list[Part]] = {}
+    for part in parts:
+        for c, m, s in plan(part.conditions, part.methods, seeds, part.subsets):
+            unique.setdefault((c.name, m.name, s), (c, m, s))
+            owners.setdefault((c.name, m.name, s), []).append(part)
+    cells = sorted(
+        unique.values(), key=lambda x: (x[2], -(x[0].cost + 0.5 * (x[1].micro_batch == 1)))
+    )
+    names = ", ".join(f"{p.name} ({sum(p in o for o in owners.values())})" for p in parts)
+    print(f"{len(cells)} runs: {names}; {len(seeds)} seeds, {cfg.steps} steps", flush=True)
     jobs = [(cfg, c, m, s, states[s]) for c, m, s in cells]
-    runs: list[dict[str, Any]] = []
-    for i, run in enumerate(pool.imap_unordered(_cell_job, jobs), 1):
-        runs.append(run)
-        if args.snapshot_every and i % args.snapshot_every == 0 and i < len(jobs):
+    runs: dict[str, list[dict[str, Any]]] = {p.name: [] for p in parts}
+    for finished, run in enumerate(pool.imap_unordered(_cell_job, jobs), 1):
+        mine = owners[_key(run)]
+        for part in mine:
+            runs[part.name].append(run)
+        if args.snapshot_every and finished % args.snapshot_every == 0 and finished < len(jobs):
             env["wall_seconds"] = round(time.perf_counter() - t0, 1)
-            env["partial"] = f"{i} of {len(jobs)} runs"
-            _finish(part, cfg, conditions, methods, seeds, env, runs, out)
+            env["partial"] = f"{finished} of {len(jobs)} runs"
+            for p in parts:
+                _finish(p, cfg, seeds, env, runs[p.name])
         print(
-            f"[{part} {i}/{len(jobs)} {time.perf_counter() - t0:6.0f}s] {run['condition']:<26} "
-            f"{run['method']:<17} seed {run['seed']}: final {run['final_reward']:.3f} "
-            f"peak {max(run['eval_reward']):.3f} ess_min {min(run['ess_min']):.3f} "
-            f"dmin {min(run['log_ratio_min']):.1f} ({run['seconds']:.0f}s)",
+            f"[{finished}/{len(jobs)} {time.perf_counter() - t0:6.0f}s] {mine[0].name:<10} "
+            f"{run['condition']:<24} {run['method']:<14} seed {run['seed']}: "
+            f"final {run['final_reward']:.3f} peak {max(run['eval_reward']):.3f} "
+            f"ess_min {min(run['ess_min']):.3f} dmin {min(run['log_ratio_min']):.1f} "
+            f"({run['seconds']:.0f}s)",
             flush=True,
         )
     env["wall_seconds"] = round(time.perf_counter() - t0, 1)
     env.pop("partial", None)
-    result = _finish(part, cfg, conditions, methods, seeds, env, runs, out)
-    print(f"wrote {out}/results.json, results.md, *.png in {env['wall_seconds']:.0f}s", flush=True)
-    return result
+    results = {p.name: _finish(p, cfg, seeds, env, runs[p.name]) for p in parts}
+    print(f"wrote {', '.join(str(p.out) for p in parts)} in {env['wall_seconds']:.0f}s")
+    return results
+
+
+def _key(run: dict[str, Any]) -> tuple[str, str, int]:
+    return run["condition"], run["method"], run["seed"]
 
 
 def _finish(
-    part: str,
+    part: Part,
     cfg: StudyConfig,
-    conditions: dict[str, Condition],
-    methods: list[Method],
     seeds: list[int],
     env: dict[str, Any],
     runs: list[dict[str, Any]],
-    out: Path,
 ) -> dict[str, Any]:
-    order = list(conditions)
-    mnames = [m.name for m in methods]
+    order = list(part.conditions)
+    mnames = [m.name for m in part.methods]
     runs = sorted(
         runs, key=lambda r: (order.index(r["condition"]), mnames.index(r["method"]), r["seed"])
     )
     result = {
-        "part": part,
+        "part": part.name,
         "environment": dict(env),
         "config": dataclasses.asdict(cfg),
-        "conditions": {k: dataclasses.asdict(v) for k, v in conditions.items()},
-        "methods": {m.name: dataclasses.asdict(m) for m in methods},
+        "conditions": {k: dataclasses.asdict(v) for k, v in part.conditions.items()},
+        "methods": {m.name: dataclasses.asdict(m) for m in part.methods},
         "correction_cap": CORRECTION_CAP,
         "seeds": seeds,
-        "summary": report.summarize(runs, order, methods),
+        "summary": report.summarize(runs, order, part.methods),
         "runs": runs,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    _write(result, out, part)
+    part.out.mkdir(parents=True, exist_ok=True)
+    _write(result, part.out, part.name)
     return result
 
 
@@ -276,43 +364,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         return {}
     torch.set_num_threads(1)
     cfg = StudyConfig()
-    conditions, method_names = CONDITIONS, list(METHODS)
-    p2_conditions, p2_methods = PHASE2_CONDITIONS, list(PHASE2_METHODS.values())
     if args.quick:
         cfg = dataclasses.replace(
             cfg, steps=10, eval_every=5, eval_prompts=32, warm_steps=8, prompts_per_step=4
         )
-        conditions, method_names = QUICK_CONDITIONS, list(QUICK_METHODS)
-        p2_conditions = {"stale-4-ep2": QUICK_CONDITIONS["stale-4-ep2"]}
-        p2_methods = [PHASE2_METHODS["ess-ref-mb8-call"], PHASE2_METHODS["ess-ref-mb1-step"]]
         args.seeds = min(args.seeds, 2)
     if args.steps is not None:
         cfg = dataclasses.replace(cfg, steps=args.steps)
-    if args.conditions:
-        conditions = {k: (CONDITIONS | STALENESS_SWEEP)[k] for k in args.conditions}
-    if args.methods:
-        method_names = args.methods
-    methods = [(METHODS | ABLATION_METHODS)[m] for m in method_names]
+    parts = parts_to_run(args, out)
     seeds = list(range(args.seeds))
-    results = {}
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers) as pool:
         states = dict(pool.map(_warm_job, [(cfg, s) for s in seeds]))
-        if "main" in args.parts:
-            results["main"] = run_part(
-                _part_of(out), cfg, conditions, methods, seeds, args, argv, out, pool, states
-            )
-        if "microbatch" in args.parts:
-            results["microbatch"] = run_part(
-                "microbatch",
-                cfg,
-                p2_conditions,
-                p2_methods,
-                seeds,
-                args,
-                argv,
-                out / "microbatch",
-                pool,
-                states,
-            )
-    return results
+        return run_parts(parts, cfg, seeds, args, argv, pool, states)

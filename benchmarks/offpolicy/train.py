@@ -33,15 +33,15 @@ class StudyConfig:
 
     task: str = "reverse"
     alphabet: str = "abcdef"
-    prompt_len: int = 5
+    prompt_len: int = 8
     hidden_size: int = 64
     num_layers: int = 2
     prompts_per_step: int = 8
     group_size: int = 8
-    steps: int = 50
-    lr: float = 1e-3
+    steps: int = 300
+    lr: float = 5e-4
     max_grad_norm: float = 1.0
-    eval_every: int = 10
+    eval_every: int = 25
     eval_prompts: int = 128
     warm_steps: int = 100
     warm_lr: float = 3e-3
@@ -273,14 +273,23 @@ def _update_loss(
             method, logp, batch.behaviour_logp, batch.advantages, batch.mask, trainer_old
         )
     n_total = batch.mask.sum().clamp(min=1).float()  # global token count: token-mean overall
-    step_ess = None
+    slices = [
+        slice(lo, lo + method.micro_batch) for lo in range(0, logp.shape[0], method.micro_batch)
+    ]
+    step_ess, stats = None, None
     if method.scope == "step":
-        from ess_po import effective_sample_size
+        # One ESS over the whole update, from the same no-grad log-ratios every call sees.
+        log_ratio = (logp - batch.behaviour_logp).detach()
+        if method.kind == "ess":
+            from ess_po import step_stats
 
-        step_ess = effective_sample_size((logp - batch.behaviour_logp).detach(), batch.mask)
+            stats = step_stats([(log_ratio[sl], batch.mask[sl]) for sl in slices])
+        else:
+            from ess_po import effective_sample_size
+
+            step_ess = effective_sample_size(log_ratio, batch.mask)
     total, call_ess = torch.zeros(()), []
-    for lo in range(0, logp.shape[0], method.micro_batch):
-        sl = slice(lo, lo + method.micro_batch)
+    for sl in slices:
         loss, extra = policy_loss(
             method,
             logp[sl],
@@ -288,6 +297,7 @@ def _update_loss(
             batch.advantages[sl],
             batch.mask[sl],
             ess=step_ess,
+            stats=stats,
             normalizer=n_total,
         )
         total = total + loss
