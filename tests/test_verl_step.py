@@ -5,7 +5,8 @@ CPU (workarounds: ``tests/verl_cpu_support.py``) with the policy frozen (lr 0) a
 log-ratio offsets, so the same 2 optimizer steps of 8 sequences are trained with
 ``ppo_micro_batch_size_per_gpu`` = 1, 2, 4 and 8. With ``ess_step`` the pre-pass computes one
 ESS per optimizer step, so the gradient of each step is the same for every split; with ``ess``
-(one ESS per call) it is not. The worker also times each update (3 repeats, see the docs).
+(one ESS per call) it is not. The worker also times each update (3 repeats; the cost figures
+come from ``benchmarks/verl_step_cost.py``). 2 ranks of verl's actor: ``test_verl_step_ranks.py``.
 ``test_step_scope_two_ranks_equal_one_process`` runs the pre-pass's statistics step (merge and
 all-reduce) and ``ess_step`` on 2 gloo processes, without verl's actor.
 

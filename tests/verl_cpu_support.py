@@ -195,12 +195,16 @@ def compose(overrides: list[str]) -> Any:
         return hydra_compose(config_name="ppo_trainer", overrides=overrides)
 
 
-def save_tiny_model(path: Path, *, seed: int = 0) -> Any:
+def save_tiny_model(
+    path: Path, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2
+) -> Any:
     """Tiny Qwen2 + character tokenizer saved to ``path`` (verl loads models by path)."""
     from ess_po.integrations.tiny import build_tiny_model, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=seed)
+    model = build_tiny_model(
+        tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=4, seed=seed
+    )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return tokenizer

@@ -1,0 +1,250 @@
+"""Cost of step scope in verl: actor update time with ``loss_mode=ess`` (one ESS per loss call)
+versus ``ess_step`` (one ESS per optimizer step, from the opt-in no-grad pre-pass).
+
+What is timed: one trainer step's actor update in verl 0.9.1's own code,
+``RayPPOTrainer._update_actor`` -> ``ActorRolloutRefWorker.update_actor`` ->
+``TrainingWorker.train_mini_batch`` -> the FSDP2 engine (micro-batches, backward, optimizer
+step) -> ``ppo_loss`` -> the registered loss. With ``ess_step`` the worker installed by
+``enable_step_scope()`` adds the pre-pass (one no-grad forward per micro-batch, then the
+statistics all-reduce) before each optimizer step. verl's own ``vanilla`` loss is timed as a
+baseline. The batch: 16 sequences of a tiny Qwen2 (4 prompts x 4 responses, prompts <= 4 and
+responses <= 6 tokens) = 2 optimizer steps of 8 sequences; micro-batches of ``--micros``
+sequences; compute dtype ``--dtypes`` (verl's FSDP mixed precision, fp32 parameters).
+
+CPU workarounds: verl assumes a GPU cluster, so this script reuses the test-only workarounds of
+``tests/verl_cpu_support.py`` (CPU platform with gloo, eager attention, FSDP2, no torch.compile,
+``trl`` hidden) and the worker machinery of ``tests/verl_actor_worker.py`` (``build_worker``,
+``make_batch``, ``with_known_offsets``, ``update``), the chain ``tests/test_verl_step.py``
+checks. One process (world size 1).
+
+"Free" path: on the first mini-batch after verl recomputes ``old_log_prob`` the policy is the
+one that produced it, so every ratio is 1 and the step statistics need no forward.
+``ess_po.integrations.verl`` does not exploit this (its worker cannot tell that case from
+rollout-correction bypass mode, where ``old_log_prob`` comes from the rollout): the pre-pass
+runs before every optimizer step, so there is no free path to time.
+
+Protocol: one worker per (loss mode, micro-batch size, dtype), all built before timing; the
+policy is frozen (lr 0) with known log-ratio offsets (off-policy, ESS < 1), so every repeat
+trains the same batch. Repeats are interleaved (the order of conditions reversed every other
+repeat) and ``--warmup`` updates per worker are dropped. Reported: median [min, max] over repeats
+of the update wall time, and the overhead of ``ess_step`` over ``ess`` as the median (min, max)
+of the per-repeat ratios.
+
+    python benchmarks/verl_step_cost.py --quick --output-dir outputs/verl_step_cost
+    python benchmarks/verl_step_cost.py --output-dir docs/results/verl_step_scope --repeats 11
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MODES = ("vanilla", "ess", "ess_step")
+DTYPES = ("fp32", "bf16")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--output-dir", default="outputs/verl_step_cost", help="results.md/.json here")
+    p.add_argument("--repeats", type=int, default=11, help="timed updates per condition")
+    p.add_argument("--warmup", type=int, default=1, help="untimed updates per worker first")
+    p.add_argument("--micros", default="1,2,4,8", help="micro-batch sizes (sequences), divide 8")
+    p.add_argument("--dtypes", default="fp32,bf16", help=f"compute dtypes: {','.join(DTYPES)}")
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--quick", action="store_true", help="fp32, micro 1 and 8, 3 repeats (smoke)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup, args.dtypes, args.micros = 3, 1, "fp32", "1,8"
+    args.micros = [int(m) for m in args.micros.split(",")]
+    args.dtypes = args.dtypes.split(",")
+    if any(m < 1 or 8 % m for m in args.micros):
+        p.error(f"--micros must divide the mini-batch of 8 sequences, got {args.micros}")
+    if set(args.dtypes) - set(DTYPES):
+        p.error(f"--dtypes takes {DTYPES}, got {args.dtypes}")
+    if args.repeats < 1 or args.warmup < 0:
+        p.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}")
+    return args
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    command = "python " + " ".join([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import verl_actor_worker as vaw
+    import verl_cpu_support as vcs
+
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    tmp = Path(tempfile.mkdtemp(prefix="verl_step_cost_"))
+    vcs.setup(tmp / "init")  # before verl's platform is first used
+    import torch
+    import transformers
+    import verl
+    from ess_po.integrations.verl import enable_step_scope
+
+    torch.set_num_threads(args.threads)
+    tokenizer = vcs.save_tiny_model(
+        tmp / "model", hidden_size=args.hidden_size, num_layers=args.layers
+    )
+    enable_step_scope()
+    conditions = [(d, m, mode) for d in args.dtypes for m in args.micros for mode in MODES]
+    hosts, offsets = {}, None
+    for dtype, micro, mode in conditions:
+        host, _ = vaw.build_worker(
+            tmp / "model",
+            mode,
+            lr=0.0,
+            micro=micro,
+            extra=[f"+actor_rollout_ref.actor.fsdp_config.mixed_precision={{param_dtype:{dtype}}}"],
+        )
+        batch, offsets = vaw.with_known_offsets(host, vaw.make_batch(tokenizer), offsets)
+        for _ in range(args.warmup):
+            vaw.update(host, batch)
+        hosts[dtype, micro, mode] = (host, batch)
+
+    seconds: dict[tuple, list[float]] = {c: [] for c in conditions}
+    recompute: dict[tuple, list[float]] = {(d, m): [] for d in args.dtypes for m in args.micros}
+    logged_ess: dict[tuple, float] = {}
+    for rep in range(args.repeats):
+        for condition in conditions if rep % 2 == 0 else conditions[::-1]:
+            host, batch = hosts[condition]
+            start = time.perf_counter()
+            metrics = vaw.update(host, batch)
+            seconds[condition].append(time.perf_counter() - start)
+            logged_ess[condition] = metrics.get("actor/ess", float("nan"))
+            if condition[2] == "ess":  # verl's old_log_prob recompute, the same for every mode
+                start = time.perf_counter()
+                vaw.old_log_prob(host, batch)
+                recompute[condition[:2]].append(time.perf_counter() - start)
+        print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
+
+    # ESS of each optimizer step's 8 sequences from the known log-ratios (float64), for the
+    # logged values to be read against.
+    w = offsets.double().exp()
+    mask = batch.batch["response_mask"].bool()
+    step_ess = []
+    for rows_of_step in (slice(0, 8), slice(8, 16)):
+        x = w[rows_of_step][mask[rows_of_step]]
+        step_ess.append(float(x.sum() ** 2 / (x.numel() * (x**2).sum())))
+    rows = []
+    for dtype in args.dtypes:
+        for micro in args.micros:
+            t = {mode: seconds[dtype, micro, mode] for mode in MODES}
+            ratio = [s / e for s, e in zip(t["ess_step"], t["ess"], strict=True)]
+            r = recompute[dtype, micro]
+            ratio_with_recompute = [
+                (c + s) / (c + e) for c, s, e in zip(r, t["ess_step"], t["ess"], strict=True)
+            ]
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "micro": micro,
+                    "calls_per_optimizer_step": 8 // micro,
+                    "update_seconds": {mode: summary(v) for mode, v in t.items()},
+                    "per_repeat_seconds": t,
+                    "ess_step_over_ess": {**summary(ratio), "per_repeat": ratio},
+                    "old_log_prob_seconds": summary(r),
+                    "ess_step_over_ess_with_recompute": {
+                        **summary(ratio_with_recompute),
+                        "per_repeat": ratio_with_recompute,
+                    },
+                    "logged_actor_ess": {m: logged_ess[dtype, micro, m] for m in MODES[1:]},
+                }
+            )
+    result = {
+        "rows": rows,
+        "step_ess": step_ess,
+        "settings": {k: v for k, v in vars(args).items() if k != "output_dir"},
+        "environment": {
+            "verl": verl.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "device": "cpu",
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": command,
+            "load_average_at_start": load_start,
+            "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        },
+    }
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / "results.md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s, e = result["settings"], result["environment"]
+    load = [e[k] for k in ("load_average_at_start", "load_average_at_end")]
+    lines = [
+        "# verl step scope: actor update time, `ess` (per call) vs `ess_step` (pre-pass)",
+        "",
+        f"Command: `{e['command']}`  ",
+        f"Date: {e['date']}; verl {e['verl']}, torch {e['torch']}, transformers "
+        f"{e['transformers']}, python {e['python']}; {e['device']} ({e['cpu']}, {e['cpu_count']} "
+        f"CPUs, {e['torch_threads']} torch thread(s))"
+        + (
+            f"; load average {load[0][0]:.1f} at the start, {load[1][0]:.1f} at the end."
+            if all(load)
+            else "."
+        ),
+        "",
+        "Setup: verl 0.9.1's FSDP2 actor on the CPU in one process (test-only workarounds of "
+        "`tests/verl_cpu_support.py`), tiny Qwen2 "
+        f"(hidden {s['hidden_size']}, {s['layers']} layers); one actor update = "
+        "`RayPPOTrainer._update_actor` on 16 sequences = 2 optimizer steps of 8; policy frozen "
+        "(lr 0) with known log-ratio offsets. "
+        f"{s['repeats']} interleaved repeats after {s['warmup']} warm-up update(s) per worker. "
+        "Free path (skipping the pre-pass on the first, on-policy mini-batch): not implemented in "
+        "`ess_po.integrations.verl`, so not measured.",
+        "",
+        "Update time (s), median over repeats [min, max]; `ess_step` / `ess`: median (min, max) "
+        "of the per-repeat ratio; *with recompute*: the same ratio with verl's `old_log_prob` "
+        "recompute (timed on the `ess` worker, 4 sequences per forward) added to both, the actor "
+        "work of one trainer step. *actor/ess*: the mean over calls that verl logged in the last "
+        "update (`ess` / `ess_step`); the two optimizer steps' ESS, from the known log-ratios in "
+        f"float64: {result['step_ess'][0]:.4f} and {result['step_ess'][1]:.4f}.",
+        "",
+        "| compute | micro-batch | calls / step | `vanilla` | `ess` | `ess_step` | `ess_step` / `ess` "
+        "| old_log_prob | with recompute | actor/ess |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        t, c = row["update_seconds"], row["old_log_prob_seconds"]
+        r, rc = row["ess_step_over_ess"], row["ess_step_over_ess_with_recompute"]
+        ess = row["logged_actor_ess"]
+        cells = [f"{t[m]['median']:.3f} [{t[m]['min']:.3f}, {t[m]['max']:.3f}]" for m in MODES]
+        lines.append(
+            f"| {row['dtype']} | {row['micro']} | {row['calls_per_optimizer_step']} | "
+            + " | ".join(cells)
+            + f" | {r['median']:.2f} ({r['min']:.2f}, {r['max']:.2f})"
+            + f" | {c['median']:.3f} [{c['min']:.3f}, {c['max']:.3f}]"
+            + f" | {rc['median']:.2f} ({rc['min']:.2f}, {rc['max']:.2f})"
+            + f" | {ess['ess']:.4f} / {ess['ess_step']:.4f} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
