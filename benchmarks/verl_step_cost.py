@@ -1,5 +1,6 @@
 """Cost of step scope in verl: actor update time with ``loss_mode=ess`` (one ESS per loss call)
-versus ``ess_step`` (one ESS per optimizer step, from the opt-in no-grad pre-pass).
+versus ``ess_step`` (one ESS per optimizer step), with the no-grad pre-pass before every optimizer
+step and with the free path on the first one.
 
 What is timed: one trainer step's actor update in verl 0.9.1's own code,
 ``RayPPOTrainer._update_actor`` -> ``ActorRolloutRefWorker.update_actor`` ->
@@ -17,15 +18,15 @@ CPU workarounds: verl assumes a GPU cluster, so this script reuses the test-only
 ``make_batch``, ``with_known_offsets``, ``update``), the chain ``tests/test_verl_step.py``
 checks. One process (world size 1).
 
-"Free" path: on the first mini-batch after verl recomputes ``old_log_prob`` the policy is the
-one that produced it, so every ratio is 1 and the step statistics need no forward.
-``ess_po.integrations.verl`` does not exploit this (its worker cannot tell that case from
-rollout-correction bypass mode, where ``old_log_prob`` comes from the rollout): the pre-pass
-runs before every optimizer step, so there is no free path to time.
+Conditions: ``ess_step`` with known log-ratio offsets (old_log_prob = recomputed minus offsets,
+off-policy, ESS < 1): not what the actor produced, so the pre-pass runs before both optimizer
+steps. ``ess_step_free``: verl's recomputed old_log_prob used as is, recomputed (untimed) before
+every timed update as verl's trainer does: the first optimizer step takes the free path (the
+statistics of a zero log-ratio, no forward), the second (after an optimizer step) the pre-pass;
+the pre-pass forwards of each update are counted on the engine.
 
 Protocol: one worker per (loss mode, micro-batch size, dtype), all built before timing; the
-policy is frozen (lr 0) with known log-ratio offsets (off-policy, ESS < 1), so every repeat
-trains the same batch. Repeats are interleaved (the order of conditions reversed every other
+policy is frozen (lr 0), so every repeat trains the same batch. Repeats are interleaved (the order of conditions reversed every other
 repeat) and ``--warmup`` updates per worker are dropped. Reported: median [min, max] over repeats
 of the update wall time, and the overhead of ``ess_step`` over ``ess`` as the median (min, max)
 of the per-repeat ratios.
@@ -47,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODES = ("vanilla", "ess", "ess_step")
+MODES = ("vanilla", "ess", "ess_step", "ess_step_free")
 DTYPES = ("fp32", "bf16")
 
 
@@ -104,29 +105,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     enable_step_scope()
     conditions = [(d, m, mode) for d in args.dtypes for m in args.micros for mode in MODES]
     hosts, offsets = {}, None
+
+    def batch_for(condition: tuple) -> Any:
+        """The batch of the next update: for ``ess_step_free`` verl's recompute, just before."""
+        host, batch = hosts[condition]
+        if condition[2] != "ess_step_free":
+            return batch
+        return batch.union(vaw.old_log_prob(host, batch))
+
     for dtype, micro, mode in conditions:
         host, _ = vaw.build_worker(
             tmp / "model",
-            mode,
+            "ess_step" if mode == "ess_step_free" else mode,
             lr=0.0,
             micro=micro,
             extra=[f"+actor_rollout_ref.actor.fsdp_config.mixed_precision={{param_dtype:{dtype}}}"],
         )
-        batch, offsets = vaw.with_known_offsets(host, vaw.make_batch(tokenizer), offsets)
+        if mode == "ess_step_free":
+            hosts[dtype, micro, mode] = (host, vaw.make_batch(tokenizer))
+        else:
+            batch, offsets = vaw.with_known_offsets(host, vaw.make_batch(tokenizer), offsets)
+            hosts[dtype, micro, mode] = (host, batch)
         for _ in range(args.warmup):
-            vaw.update(host, batch)
-        hosts[dtype, micro, mode] = (host, batch)
+            vaw.update(host, batch_for((dtype, micro, mode)))
 
     seconds: dict[tuple, list[float]] = {c: [] for c in conditions}
     recompute: dict[tuple, list[float]] = {(d, m): [] for d in args.dtypes for m in args.micros}
     logged_ess: dict[tuple, float] = {}
+    logged_free: dict[tuple, float] = {}
+    prepass_forwards: dict[tuple, list[int]] = {c: [] for c in conditions}
     for rep in range(args.repeats):
         for condition in conditions if rep % 2 == 0 else conditions[::-1]:
-            host, batch = hosts[condition]
+            host, batch = hosts[condition][0], batch_for(condition)
+            forwards = host.forward_only_calls
             start = time.perf_counter()
             metrics = vaw.update(host, batch)
             seconds[condition].append(time.perf_counter() - start)
+            prepass_forwards[condition].append(host.forward_only_calls - forwards)
             logged_ess[condition] = metrics.get("actor/ess", float("nan"))
+            logged_free[condition] = metrics.get("actor/ess_step_free", float("nan"))
             if condition[2] == "ess":  # verl's old_log_prob recompute, the same for every mode
                 start = time.perf_counter()
                 vaw.old_log_prob(host, batch)
@@ -146,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for micro in args.micros:
             t = {mode: seconds[dtype, micro, mode] for mode in MODES}
             ratio = [s / e for s, e in zip(t["ess_step"], t["ess"], strict=True)]
+            free_ratio = [s / e for s, e in zip(t["ess_step_free"], t["ess"], strict=True)]
             r = recompute[dtype, micro]
             ratio_with_recompute = [
                 (c + s) / (c + e) for c, s, e in zip(r, t["ess_step"], t["ess"], strict=True)
@@ -158,6 +176,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "update_seconds": {mode: summary(v) for mode, v in t.items()},
                     "per_repeat_seconds": t,
                     "ess_step_over_ess": {**summary(ratio), "per_repeat": ratio},
+                    "ess_step_free_over_ess": {**summary(free_ratio), "per_repeat": free_ratio},
+                    "prepass_forwards_per_update": {
+                        m: sorted(set(prepass_forwards[dtype, micro, m])) for m in MODES[2:]
+                    },
+                    "logged_actor_ess_step_free": {
+                        m: logged_free[dtype, micro, m] for m in MODES[2:]
+                    },
                     "old_log_prob_seconds": summary(r),
                     "ess_step_over_ess_with_recompute": {
                         **summary(ratio_with_recompute),
@@ -197,7 +222,7 @@ def markdown(result: dict[str, Any]) -> str:
     s, e = result["settings"], result["environment"]
     load = [e[k] for k in ("load_average_at_start", "load_average_at_end")]
     lines = [
-        "# verl step scope: actor update time, `ess` (per call) vs `ess_step` (pre-pass)",
+        "# verl step scope: actor update time, `ess` (per call) vs `ess_step` (pre-pass, free path)",
         "",
         f"Command: `{e['command']}`  ",
         f"Date: {e['date']}; verl {e['verl']}, torch {e['torch']}, transformers "
@@ -213,34 +238,41 @@ def markdown(result: dict[str, Any]) -> str:
         "`tests/verl_cpu_support.py`), tiny Qwen2 "
         f"(hidden {s['hidden_size']}, {s['layers']} layers); one actor update = "
         "`RayPPOTrainer._update_actor` on 16 sequences = 2 optimizer steps of 8; policy frozen "
-        "(lr 0) with known log-ratio offsets. "
-        f"{s['repeats']} interleaved repeats after {s['warmup']} warm-up update(s) per worker. "
-        "Free path (skipping the pre-pass on the first, on-policy mini-batch): not implemented in "
-        "`ess_po.integrations.verl`, so not measured.",
+        "(lr 0). `ess_step`: old_log_prob = recomputed minus known log-ratio offsets, so the "
+        "pre-pass runs before both optimizer steps; `ess_step (free)`: verl's recomputed "
+        "old_log_prob as is, recomputed (untimed) before each update, so the first optimizer step "
+        "takes the free path (no forward) and the second the pre-pass. "
+        f"{s['repeats']} interleaved repeats after {s['warmup']} warm-up update(s) per worker.",
         "",
-        "Update time (s), median over repeats [min, max]; `ess_step` / `ess`: median (min, max) "
-        "of the per-repeat ratio; *with recompute*: the same ratio with verl's `old_log_prob` "
+        "Update time (s), median over repeats [min, max]; `ess_step` / `ess` and `free` / `ess`: "
+        "median (min, max) of the per-repeat ratio; *pre-pass fwd*: pre-pass forwards per update "
+        "(`ess_step` / free), counted on the engine; *with recompute*: the same ratio with verl's `old_log_prob` "
         "recompute (timed on the `ess` worker, 4 sequences per forward) added to both, the actor "
         "work of one trainer step. *actor/ess*: the mean over calls that verl logged in the last "
-        "update (`ess` / `ess_step`); the two optimizer steps' ESS, from the known log-ratios in "
+        "update (`ess` / `ess_step` / free; free: step 1 on-policy, ESS 1); the two optimizer steps' ESS, from the known log-ratios in "
         f"float64: {result['step_ess'][0]:.4f} and {result['step_ess'][1]:.4f}.",
         "",
-        "| compute | micro-batch | calls / step | `vanilla` | `ess` | `ess_step` | `ess_step` / `ess` "
-        "| old_log_prob | with recompute | actor/ess |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| compute | micro-batch | calls / step | `vanilla` | `ess` | `ess_step` | `ess_step` (free) "
+        "| `ess_step` / `ess` | free / `ess` | pre-pass fwd | old_log_prob | with recompute "
+        "| actor/ess |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         t, c = row["update_seconds"], row["old_log_prob_seconds"]
         r, rc = row["ess_step_over_ess"], row["ess_step_over_ess_with_recompute"]
+        f = row["ess_step_free_over_ess"]
+        fwd = row["prepass_forwards_per_update"]
         ess = row["logged_actor_ess"]
         cells = [f"{t[m]['median']:.3f} [{t[m]['min']:.3f}, {t[m]['max']:.3f}]" for m in MODES]
         lines.append(
             f"| {row['dtype']} | {row['micro']} | {row['calls_per_optimizer_step']} | "
             + " | ".join(cells)
             + f" | {r['median']:.2f} ({r['min']:.2f}, {r['max']:.2f})"
+            + f" | {f['median']:.2f} ({f['min']:.2f}, {f['max']:.2f})"
+            + f" | {'/'.join(str(fwd[m]) for m in MODES[2:])}"
             + f" | {c['median']:.3f} [{c['min']:.3f}, {c['max']:.3f}]"
             + f" | {rc['median']:.2f} ({rc['min']:.2f}, {rc['max']:.2f})"
-            + f" | {ess['ess']:.4f} / {ess['ess_step']:.4f} |"
+            + f" | {ess['ess']:.4f} / {ess['ess_step']:.4f} / {ess['ess_step_free']:.4f} |"
         )
     lines.append("")
     return "\n".join(lines)

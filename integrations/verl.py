@@ -7,7 +7,9 @@ Importing this module registers three entries in verl's policy-loss registry
   (micro-batch), all-reduced over data-parallel ranks, as in the authors' reference code;
 * ``ess_seq``  -- the same loss with ``ess_scope="sequence"`` (one ESS per sequence);
 * ``ess_step`` -- one ESS per optimizer step (mini-batch), from statistics that the opt-in
-  pre-pass of :func:`enable_step_scope` computes before the step's first backward.
+  worker of :func:`enable_step_scope` computes before the step's first backward: free (no
+  forward) where the step's policy is the one that produced ``old_log_prob``, else a no-grad
+  pre-pass.
 
 verl imports this module by itself: ``pyproject.toml`` declares it in the ``verl.plugins``
 entry-point group, which ``import verl`` loads (unless ``VERL_USE_EXTERNAL_PLUGINS=none``).
@@ -44,6 +46,7 @@ hold different tokens (see :func:`set_process_group`), so it depends on the micr
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from typing import Any, Final
@@ -303,9 +306,13 @@ def compute_policy_loss_ess_seq(
 
 # ----------------------------------------------------------------------------- step scope
 
-#: ESS statistics of the optimizer step being trained, set by the pre-pass of the worker
-#: installed by :func:`enable_step_scope` for the duration of one ``engine.train_batch`` call.
+#: ESS statistics of the optimizer step being trained, set by the worker installed by
+#: :func:`enable_step_scope` for the duration of one ``engine.train_batch`` call.
 _step_stats: ESSStats | None = None
+#: Whether ``_step_stats`` came from the free path (no forward) instead of the pre-pass.
+_step_free: bool = False
+#: ``enable_step_scope(free_path=...)``: False runs the pre-pass before every optimizer step.
+_free_path_allowed: bool = True
 
 
 def compute_policy_loss_ess_step(
@@ -320,10 +327,13 @@ def compute_policy_loss_ess_step(
     """As :func:`compute_policy_loss_ess` with one ESS per optimizer step (``ess_step``).
 
     The ESS comes from the statistics of the whole mini-batch (every micro-batch, every
-    data-parallel rank) that the pre-pass of :func:`enable_step_scope` computes before the step's
+    data-parallel rank) that the worker of :func:`enable_step_scope` computes before the step's
     first backward; every micro-batch's loss of that step uses them, so the update does not
-    depend on ``ppo_micro_batch_size_per_gpu``. Opt-in: costs one no-grad forward per
-    micro-batch.
+    depend on ``ppo_micro_batch_size_per_gpu``. Opt-in. Where the step's parameters are those
+    that produced ``old_log_prob`` (verl's recompute, first mini-batch of an update) the
+    statistics are those of ``d = 0`` on the valid tokens (ESS = 1) and cost no forward;
+    otherwise one no-grad forward per micro-batch. Extra metric ``actor/ess_step_free``: 1 for
+    the free statistics, 0 for the pre-pass (verl averages it over the update's calls).
 
     Raises:
         ValueError: no step statistics are set (the step-scope worker is not installed).
@@ -336,7 +346,7 @@ def compute_policy_loss_ess_step(
             f"+ray_kwargs.ray_init.runtime_env.env_vars.{STEP_SCOPE_ENV}=1) or call "
             "ess_po.integrations.verl.enable_step_scope() in each worker, or use loss_mode=ess."
         )
-    return _ess_loss(
+    loss, metrics = _ess_loss(
         old_log_prob,
         log_prob,
         advantages,
@@ -347,6 +357,8 @@ def compute_policy_loss_ess_step(
         "batch",
         stats=_step_stats,
     )
+    metrics["actor/ess_step_free"] = torch.tensor(float(_step_free), device=loss.device)
+    return loss, metrics
 
 
 def _loss_mode(loss_function: Any) -> str | None:
@@ -360,6 +372,11 @@ def _loss_mode(loss_function: Any) -> str | None:
         if isinstance(policy_loss, Mapping)
         else getattr(policy_loss, "loss_mode", None)
     )
+
+
+def _padded(tensor: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` view of a verl field: jagged nested tensors padded with 0."""
+    return torch.nested.to_padded_tensor(tensor, 0) if tensor.is_nested else tensor
 
 
 def _step_prepass(engine: Any, data: Any) -> ESSStats:
@@ -380,23 +397,176 @@ def _step_prepass(engine: Any, data: Any) -> ESSStats:
     return _rank_step_stats(log_ratio, mask[:, :width])
 
 
+def _free_step_stats(data: Any) -> ESSStats:
+    """The free path: the statistics of ``d = 0`` on this rank's valid response tokens (the
+    step's policy produced ``old_log_prob``), all-reduced like the pre-pass's; no forward."""
+    from verl.utils.device import get_device_id
+
+    mask = _padded(data["response_mask"]).to(device=get_device_id(), dtype=torch.bool)
+    return _rank_step_stats(torch.zeros(mask.shape, device=mask.device), mask)
+
+
 def _rank_step_stats(log_ratio: torch.Tensor, mask: torch.Tensor) -> ESSStats:
     """Statistics of this rank's ``(B, T)`` share of the optimizer step, all-reduced over the ESS
     process group: every rank of the step gets the same ESS (tests/test_verl_step.py, 2 ranks)."""
     return step_stats([(log_ratio, mask)], process_group=_ess_process_group())
 
 
-def enable_step_scope() -> None:
-    """Install the step-scope pre-pass in verl's actor worker (idempotent, opt-in).
+def _param_fingerprint(engine: Any) -> tuple[tuple[int, int], ...] | None:
+    """``(id, _version)`` of every parameter of the engine's module(s); None when there are none.
+
+    PyTorch bumps a tensor's ``_version`` on every in-place write through it (an optimizer step,
+    ``load_state_dict``'s ``copy_``); a replaced parameter has a new ``id``."""
+    module = getattr(engine, "module", None)
+    modules = module if isinstance(module, (list, tuple)) else [module]
+    if not all(isinstance(m, torch.nn.Module) for m in modules):
+        return None
+    fingerprint = tuple((id(p), p._version) for m in modules for p in m.parameters())
+    return fingerprint or None
+
+
+def _field_bytes(tensor: torch.Tensor) -> bytes:
+    data = tensor.detach().cpu().contiguous()
+    return (
+        len(data.shape).to_bytes(1, "little")
+        + repr(tuple(data.shape)).encode()
+        + data.numpy().tobytes()
+    )
+
+
+def _sequence_digests(data: Any, log_probs: torch.Tensor) -> list[bytes] | None:
+    """One digest per sequence of ``data``: its token ids, position ids, temperature, the
+    positions of its valid response tokens and ``log_probs`` (float32, aligned with
+    ``response_mask``) on them. None when ``data`` holds model inputs the digest does not cover
+    (multi-modal inputs), so that such batches never take the free path."""
+    from verl.utils import tensordict_utils as tu
+
+    if "multi_modal_inputs" in data:
+        return None
+    input_ids, position_ids = data["input_ids"], data["position_ids"]
+    mask = _padded(data["response_mask"]).bool().cpu()
+    values = _padded(log_probs).detach().float().cpu()
+    rows = mask.shape[0]
+    temperature = tu.get(data, "temperature", default=None)
+    if isinstance(temperature, torch.Tensor) and temperature.numel() == rows:
+        temperatures = temperature.reshape(rows).double().tolist()
+    elif isinstance(temperature, (list, tuple)) and len(temperature) == rows:
+        temperatures = [float(t) for t in temperature]
+    elif temperature is None or isinstance(temperature, (int, float)):
+        temperatures = [temperature] * rows
+    else:
+        return None
+    ids, positions = input_ids.unbind(0), position_ids.unbind(0)
+    if len(ids) != rows or len(positions) != rows or values.shape[0] != rows:
+        return None
+    digests = []
+    for i in range(rows):
+        valid = mask[i].nonzero().flatten()
+        if valid.numel() and int(valid[-1]) >= values.shape[1]:
+            return None
+        h = hashlib.blake2b(digest_size=16)
+        for part in (ids[i].long(), positions[i].long(), valid, values[i][valid]):
+            h.update(_field_bytes(part))
+        h.update(repr(temperatures[i]).encode())
+        digests.append(h.digest())
+    return digests
+
+
+class _OnPolicyRecord:
+    """Which log-probs this worker's ``compute_log_prob`` produced at the current parameters.
+
+    The parameter *state* is ``(updates, fingerprint)``: ``updates`` counts the engine calls that
+    can change the parameters (``optimizer_step``, ``train_batch``, ``load_checkpoint``,
+    ``initialize``; the worker wraps them) and ``fingerprint`` is :func:`_param_fingerprint`.
+    :meth:`record` keeps the :func:`_sequence_digests` of a ``compute_log_prob`` output with the
+    state it ran at (a forward that changed the state is not recorded); :meth:`covers` holds
+    when the state is unchanged and every sequence of a mini-batch carries, as
+    ``old_log_probs``, bit for bit the log-probs recorded for it. Then ``old_log_probs`` are
+    the current policy's log-probs and ``d = log_prob - old_log_prob`` is 0 on every valid
+    token. Bypass mode (rollout log-probs as ``old_log_probs``), edited ``old_log_probs``, a
+    mini-batch after an optimizer step or a LoRA reference forward never match."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.updates = 0
+        self.state: tuple | None = None
+        self.digests: set[bytes] = set()
+
+    def current_state(self) -> tuple | None:
+        fingerprint = _param_fingerprint(self.engine)
+        return None if fingerprint is None else (self.updates, fingerprint)
+
+    def touch(self) -> None:
+        """The parameters may have changed: forget every record."""
+        self.updates += 1
+        self.state, self.digests = None, set()
+
+    def record(self, data: Any, output: Any, state: tuple | None) -> None:
+        from verl.workers.utils.padding import no_padding_2_padding
+
+        if state is None or state != self.current_state():
+            return
+        # The trainer's own conversion of compute_log_prob's output into old_log_probs
+        # (RayPPOTrainer._compute_old_log_prob); a trainer that converts differently stores
+        # other bits and falls back to the pre-pass.
+        try:
+            digests = _sequence_digests(data, no_padding_2_padding(output["log_probs"], data))
+        except Exception:  # a layout this record does not know: no record, hence the pre-pass
+            return
+        if digests is None:
+            return
+        if state != self.state:
+            self.state, self.digests = state, set()
+        self.digests.update(digests)
+
+    def covers(self, data: Any) -> bool:
+        state = self.current_state()
+        if state is None or state != self.state:
+            return False
+        try:
+            digests = _sequence_digests(data, data["old_log_probs"])
+        except Exception:  # a layout this record does not know: the pre-pass
+            return False
+        return digests is not None and set(digests) <= self.digests
+
+
+def _all_ranks_agree(flag: bool) -> bool:
+    """``flag`` on every rank of the default process group (a MIN all-reduce), so that all ranks
+    take the same branch (the pre-pass forward and the statistics all-reduce are collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    from verl.utils.device import get_device_id
+
+    vote = torch.tensor([int(flag)], dtype=torch.int32, device=get_device_id())
+    dist.all_reduce(vote, op=dist.ReduceOp.MIN)
+    return bool(vote.item())
+
+
+def enable_step_scope(free_path: bool = True) -> None:
+    """Install the step-scope worker in verl's actor (idempotent, opt-in).
 
     Sets ``verl.workers.engine_workers.ActorRolloutRefWorker.actor_worker_cls`` to a
-    ``TrainingWorker`` subclass whose engine runs a no-grad pre-pass before each optimizer step
-    when ``policy_loss.loss_mode`` is ``ess_step`` (other loss modes are untouched). Must run in
-    every worker process before the actor is built; the plugin does it when the environment
-    variable ``ESS_PO_VERL_STEP_SCOPE`` is ``1``. Tested with verl 0.9.1's FSDP2 engine.
+    ``TrainingWorker`` subclass that computes the step statistics before each optimizer step
+    when ``policy_loss.loss_mode`` is ``ess_step`` (other loss modes are untouched):
+
+    * free path (``free_path=True``, the default): when every data-parallel rank's mini-batch
+      holds, as ``old_log_probs``, exactly the log-probs this worker's ``compute_log_prob``
+      produced at the current parameters (:class:`_OnPolicyRecord`; in verl's default mode, the
+      first mini-batch of each update), the statistics of ``d = 0`` on the valid tokens, no
+      forward;
+    * otherwise (bypass mode, later mini-batches, ``free_path=False``): a no-grad pre-pass
+      forward over the mini-batch (one per micro-batch).
+
+    Must run in every worker process before the actor is built; the plugin does it when the
+    environment variable ``ESS_PO_VERL_STEP_SCOPE`` is ``1``. A later call only changes
+    ``free_path``. Tested with verl 0.9.1's FSDP2 engine.
     """
+    global _free_path_allowed
     from verl.workers import engine_workers
 
+    _free_path_allowed = bool(free_path)
     if getattr(engine_workers.ActorRolloutRefWorker.actor_worker_cls, "_ess_step_scope", False):
         return
 
@@ -406,18 +576,49 @@ def enable_step_scope() -> None:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             engine = self.engine
-            train_batch = engine.train_batch
+            record = self._ess_on_policy = _OnPolicyRecord(engine)
+
+            def touching(method: Any) -> Any:
+                def call(*args: Any, **kwargs: Any) -> Any:
+                    try:
+                        return method(*args, **kwargs)
+                    finally:
+                        record.touch()
+
+                return call
+
+            for name in ("optimizer_step", "load_checkpoint", "initialize"):
+                setattr(engine, name, touching(getattr(engine, name)))
+            train_batch, infer_batch = engine.train_batch, self.infer_batch
+
+            def infer_batch_recorded(data: Any) -> Any:
+                from verl.utils import tensordict_utils as tu
+
+                # A forward with the LoRA adapter disabled is the reference policy's.
+                reference = bool(tu.get(data, "no_lora_adapter", default=False))
+                state = record.current_state()
+                output = infer_batch(data)
+                if output is not None and not reference and "log_probs" in output:
+                    record.record(data, output, state)
+                return output
 
             def train_batch_with_step_stats(data: Any, loss_function: Any) -> Any:
-                global _step_stats
+                global _step_stats, _step_free
                 if _loss_mode(loss_function) != STEP_LOSS_NAME:
-                    return train_batch(data, loss_function)
-                _step_stats = _step_prepass(engine, data)
+                    try:
+                        return train_batch(data, loss_function)
+                    finally:
+                        record.touch()
+                free = _all_ranks_agree(_free_path_allowed and record.covers(data))
+                _step_stats = _free_step_stats(data) if free else _step_prepass(engine, data)
+                _step_free = free
                 try:
                     return train_batch(data, loss_function)
                 finally:
-                    _step_stats = None
+                    _step_stats, _step_free = None, False
+                    record.touch()
 
+            self.infer_batch = infer_batch_recorded
             engine.train_batch = train_batch_with_step_stats
 
     engine_workers.ActorRolloutRefWorker.actor_worker_cls = ESSStepTrainingWorker

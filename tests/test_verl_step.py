@@ -10,6 +10,24 @@ come from ``benchmarks/verl_step_cost.py``). 2 ranks of verl's actor: ``test_ver
 ``test_step_scope_two_ranks_equal_one_process`` runs the pre-pass's statistics step (merge and
 all-reduce) and ``ess_step`` on 2 gloo processes, without verl's actor.
 
+Free path (``free_record``, ``tests/verl_actor_worker.py OUT free``): verl recomputes
+``old_log_prob`` with the actor, lr 2e-2; the first optimizer step of the update takes its
+statistics without a forward, the second runs the pre-pass; rollout-correction bypass mode, a
+second update without recompute and edited old log-probs always run the pre-pass.
+
+Mutations checked (free path):
+
+* the free path forced on every mini-batch (``free = True`` in the worker's
+  ``train_batch_with_step_stats``) fails ``test_free_path_on_the_first_mini_batch_only``
+  (0 pre-pass forwards, the second step logs ESS 1), ``test_free_path_equals_the_prepass``
+  (second step's ESS 1 instead of 0.9071 from the calls' log-probs) and
+  ``test_free_path_not_taken_in_bypass_mode_or_without_recompute``;
+* the sequence digest without the log-prob values (``values[i][valid]`` dropped from
+  ``_sequence_digests``: only tokens and positions compared) fails
+  ``test_free_path_not_taken_in_bypass_mode_or_without_recompute``,
+  ``test_free_path_not_taken_with_edited_old_log_prob`` and
+  ``test_free_path_equals_the_prepass`` (the bypass run claims ESS 1).
+
 Mutation checked: ``compute_policy_loss_ess_step`` passing ``stats=None`` (each call's own ESS
 instead of the pre-pass statistics) fails ``test_step_scope_gradient_is_invariant_to_the_split``
 (micro-batches of 1 vs 8: 13% relative gradient difference) and
@@ -213,3 +231,105 @@ def test_step_scope_two_ranks_equal_one_process(tmp_path: Path) -> None:
         for out in outs:
             assert out[micro]["ess"].tolist() == pytest.approx([expected] * (4 // micro), rel=1e-6)
         assert_close(torch.cat([out[micro]["grad"] for out in outs]) / 2, grad_whole)
+
+
+# ----------------------------------------------------------------------------- free path
+
+FREE_MICROS = (1, 2, 4, 8)
+
+
+@pytest.fixture(scope="module")
+def free_record(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("verl_free")
+    return run_actor_worker(out, "free", timeout=900)
+
+
+def _free_flags(run: dict) -> list[float]:
+    return [call["metrics"]["actor/ess_step_free"] for call in run["calls"]]
+
+
+@pytest.mark.slow
+def test_free_path_on_the_first_mini_batch_only(free_record: dict) -> None:
+    """verl recomputes ``old_log_prob`` with the actor, then updates (lr 2e-2, 2 optimizer steps
+    of 8 sequences): with the free path allowed, the first optimizer step runs no pre-pass
+    forward (counted on the engine) and every call of it has ESS 1 exactly; the second step (the
+    parameters moved) runs one pre-pass forward, with ESS < 1. ``free_path=False`` runs a
+    pre-pass forward before each of the 2 steps. ``actor/ess_step_free`` logs the branch."""
+    for micro in FREE_MICROS:
+        run = free_record["runs"][f"free_micro{micro}_fp32"]
+        per_step = 8 // micro
+        assert run["prepass_forwards"] == 1, micro
+        assert _free_flags(run) == [1.0] * per_step + [0.0] * per_step
+        ess = [call["metrics"]["actor/ess"] for call in run["calls"]]
+        assert ess[:per_step] == [1.0] * per_step
+        assert max(ess[per_step:]) < 0.95  # the first step moved the policy
+    for micro in (1, 8):
+        run = free_record["runs"][f"prepass_micro{micro}_fp32"]
+        assert run["prepass_forwards"] == 2
+        assert _free_flags(run) == [0.0] * (16 // micro)
+
+
+@pytest.mark.slow
+def test_free_path_equals_the_prepass(free_record: dict) -> None:
+    """With the same micro-batch size (1 or 8 sequences), each optimizer step's gradient with the
+    free path equals the always-pre-pass run's (fp32, float32 accumulation tolerance; also bf16
+    compute with 8), and every call's ESS equals the pre-pass run's. Across micro-batches of 1,
+    2, 4 and 8 with the free path the step gradients stay within 1e-5 (relative max-abs) of the
+    pre-pass run with 8: the split invariance holds (the second step inherits the first step's
+    float32 rounding, amplified by AdamW's normalisation; 1.2e-6 measured for 1 vs 8). Every
+    call's ESS also equals the ESS of its step, computed in float64 from the log-probs that the
+    step's loss calls received (independent of the plugin's statistics)."""
+    for key, run in free_record["runs"].items():
+        calls = run["calls"]
+        per_step = len(calls) // 2
+        for step in range(2):
+            part = calls[step * per_step : (step + 1) * per_step]
+            log_ratio = torch.cat([c["log_prob"] - c["old_log_prob"] for c in part])
+            expected = _ess(log_ratio, torch.cat([c["response_mask"] for c in part]))
+            for call in part:
+                assert call["metrics"]["actor/ess"] == pytest.approx(expected, abs=1e-5), key
+    for dtype, micro in (("fp32", 1), ("fp32", 8), ("bf16", 8)):
+        reference = free_record["runs"][f"prepass_micro{micro}_{dtype}"]
+        run = free_record["runs"][f"free_micro{micro}_{dtype}"]
+        ess = [call["metrics"]["actor/ess"] for call in run["calls"]]
+        assert ess == pytest.approx([c["metrics"]["actor/ess"] for c in reference["calls"]], 1e-6)
+        for step in range(2):
+            for name, grad in run["grads"][step].items():
+                assert_close(grad, reference["grads"][step][name], rtol=1e-5, atol=1e-7)
+    reference = free_record["runs"]["prepass_micro8_fp32"]["grads"]
+    for micro in FREE_MICROS:
+        grads = free_record["runs"][f"free_micro{micro}_fp32"]["grads"]
+        for step in range(2):
+            assert _relative_difference(grads[step], reference[step]) < 1e-5, (micro, step)
+
+
+@pytest.mark.slow
+def test_free_path_not_taken_in_bypass_mode_or_without_recompute(free_record: dict) -> None:
+    """Rollout-correction bypass mode (v1 trainer: old_log_prob = rollout log-probs, the actor's
+    recompute ran but its output is not used): a pre-pass forward before both optimizer steps
+    and ESS < 1 on the first, where a free path would have claimed 1. A second update of the
+    same batch without a recompute (the parameters moved): pre-pass before both steps too. In
+    the off-policy runs of ``tests/verl_actor_worker.py OUT step`` (old_log_prob = recomputed
+    minus offsets) the free path is never taken either (see the next test)."""
+    bypass = free_record["runs"]["bypass_micro2_fp32"]
+    assert bypass["prepass_forwards"] == 2
+    assert _free_flags(bypass) == [0.0] * 8
+    mask = free_record["response_mask"].bool()
+    for call, rows in zip(bypass["calls"], range(0, 16, 2), strict=True):
+        old = call["old_log_prob"][call["response_mask"].bool()]
+        assert_close(old, bypass["rollout_log_probs"][rows : rows + 2][mask[rows : rows + 2]])
+    assert bypass["calls"][0]["metrics"]["actor/ess"] < 0.99
+    again = free_record["runs"]["again_micro2_fp32"]
+    assert again["prepass_forwards"] == 2
+    assert _free_flags(again) == [0.0] * 8
+    assert again["calls"][0]["metrics"]["actor/ess"] < 0.99
+
+
+@pytest.mark.slow
+def test_free_path_not_taken_with_edited_old_log_prob(record: dict) -> None:
+    """The step-scope runs above hand verl's recomputed log-probs minus known offsets to the
+    update (lr 0, so the parameters never change): those are not what the actor produced, so
+    every optimizer step runs the pre-pass (``actor/ess_step_free`` 0 on every call)."""
+    for key, run in record["runs"].items():
+        if key.startswith("ess_step"):
+            assert {call["metrics"]["actor/ess_step_free"] for call in run["calls"]} == {0.0}

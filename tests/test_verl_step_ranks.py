@@ -10,6 +10,9 @@ gloo. The batch rows are ordered so that optimizer step ``s`` trains the same 8 
 either world size (4 per rank when there are 2). Policy frozen (lr 0), known log-ratio offsets,
 fp32 compute; ``ess_step`` and ``ess`` with 1 and 4 sequences per micro-batch per rank.
 
+``test_free_path_on_ranks``: verl's recomputed ``old_log_prob`` used as is; every rank takes
+the free path on the first optimizer step (the ranks agree through a MIN all-reduce).
+
 Mutations checked (each fails ``test_step_scope_is_invariant_to_ranks_and_split``):
 
 * all-reduce removed: ``_rank_step_stats`` calling ``step_stats(..., sync=False)`` (each rank
@@ -114,3 +117,26 @@ def test_per_call_scope_depends_on_ranks(ranks: dict) -> None:
     for s in range(2):
         for name, grad in whole["grads"][s].items():
             assert_close(grad, step[s][name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_free_path_on_ranks(ranks: dict) -> None:
+    """Free path on 1 and 2 ranks: verl's recomputed old_log_prob used as is (lr 0, micro-batches
+    of 1 per rank). On every rank the first optimizer step runs no pre-pass forward and logs
+    ``actor/ess_step_free`` 1 and ESS 1; the second (after an optimizer step, so the record no
+    longer holds) runs one, with ESS 1 up to float32 rounding (the policy did not move); the
+    step gradients are the same on 1 and 2 ranks (float32 tolerance)."""
+    reference = ranks[1][0]["runs"]["ess_step_onpolicy_micro1"]["grads"]
+    for world in WORLDS:
+        for rank, record in enumerate(ranks[world]):
+            run = record["runs"]["ess_step_onpolicy_micro1"]
+            per_step = 8 // world
+            assert run["prepass_forwards"] == 1, (world, rank)
+            flags = [c["metrics"]["actor/ess_step_free"] for c in run["calls"]]
+            assert flags == [1.0] * per_step + [0.0] * per_step, (world, rank)
+            ess = [c["metrics"]["actor/ess"] for c in run["calls"]]
+            assert ess[:per_step] == [1.0] * per_step
+            assert ess[per_step:] == pytest.approx([1.0] * per_step, abs=1e-6)
+            for step in range(2):
+                for name, grad in run["grads"][step].items():
+                    assert_close(grad, reference[step][name], rtol=1e-5, atol=1e-7)

@@ -1,6 +1,6 @@
 """Subprocess driver for ``tests/test_verl_actor.py``: verl 0.9.1's own actor update on the CPU.
 
-Usage: ``python tests/verl_actor_worker.py OUT_DIR [step]`` writes ``OUT_DIR/result.pt``;
+Usage: ``python tests/verl_actor_worker.py OUT_DIR [step|free]`` writes ``OUT_DIR/result.pt``;
 ``torchrun --nproc_per_node=N tests/verl_actor_worker.py OUT_DIR ranks`` (N = 1 or 2 gloo
 processes, see :func:`main_ranks`) writes ``OUT_DIR/rank{r}.pt``.
 
@@ -160,7 +160,16 @@ def build_worker(
         grads.append(step)
 
     engine.optimizer.register_step_pre_hook(record)
-    host = types.SimpleNamespace(config=config, actor_rollout_wg=worker)
+    host = types.SimpleNamespace(config=config, actor_rollout_wg=worker, forward_only_calls=0)
+    # Counts the engine's no-grad forwards over a batch (compute_log_prob's and the step-scope
+    # pre-pass's); update() runs no compute_log_prob, so during it they are pre-pass forwards.
+    forward_backward_batch = engine.forward_backward_batch
+
+    def counted(data: Any, loss_function: Any, forward_only: bool = False) -> Any:
+        host.forward_only_calls += bool(forward_only)
+        return forward_backward_batch(data, loss_function, forward_only=forward_only)
+
+    engine.forward_backward_batch = counted
     return host, grads
 
 
@@ -295,6 +304,83 @@ def main_step_scope(out_dir: Path) -> None:
     print(f"done in {result['seconds']:.1f} s")
 
 
+def main_free_path(out_dir: Path) -> None:
+    """Free path of ``ess_step`` (issue 15): verl recomputes ``old_log_prob`` with the actor right
+    before the update (``RayPPOTrainer._compute_old_log_prob``), lr 2e-2, 16 sequences = 2
+    optimizer steps of 8. fp32 compute: free path allowed (``enable_step_scope()``) with
+    micro-batches of 1, 2, 4 and 8, and always the pre-pass (``free_path=False``) with 1 and 8;
+    bf16 (verl's default) with 8, free and pre-pass. Per run: gradients of each optimizer step,
+    loss calls, and the pre-pass forwards counted during the update. Then, on the free micro-2
+    worker, a second update of the same batch without recompute (the parameters moved), and a
+    free-path worker in rollout-correction bypass mode (old_log_prob = rollout log-probs, after
+    a recompute whose output the trainer does not use)."""
+    import torch
+
+    t0 = time.time()
+    tmp = Path(tempfile.mkdtemp(prefix="verl_free_"))
+    vcs.setup(tmp / "init")
+    from ess_po.integrations.verl import enable_step_scope
+
+    tokenizer = vcs.save_tiny_model(tmp / "model")
+    enable_step_scope()
+    spy = LossSpy(["ess_step"])
+    result: dict[str, Any] = {"runs": {}}
+
+    def run(host: Any, grads: list, batch: Any) -> dict[str, Any]:
+        first, forwards = len(spy.calls), host.forward_only_calls
+        metrics = update(host, batch)
+        return {
+            "grads": grads[-2:],
+            "metrics": metrics,
+            "calls": spy.calls[first:],
+            "prepass_forwards": host.forward_only_calls - forwards,
+        }
+
+    runs = [("fp32", True, m) for m in (1, 2, 4, 8)] + [("fp32", False, 1), ("fp32", False, 8)]
+    runs += [("bf16", True, 8), ("bf16", False, 8)]
+    for dtype, free, micro in runs:
+        enable_step_scope(free_path=free)
+        host, grads = build_worker(
+            tmp / "model",
+            "ess_step",
+            lr=2e-2,
+            micro=micro,
+            extra=[f"+actor_rollout_ref.actor.fsdp_config.mixed_precision={{param_dtype:{dtype}}}"],
+        )
+        batch = make_batch(tokenizer)
+        batch = batch.union(old_log_prob(host, batch))
+        key = f"{'free' if free else 'prepass'}_micro{micro}_{dtype}"
+        result["runs"][key] = run(host, grads, batch)
+        if (free, micro, dtype) == (True, 2, "fp32"):
+            result["runs"]["again_micro2_fp32"] = run(host, grads, batch)
+
+    enable_step_scope(free_path=True)
+    host, grads = build_worker(
+        tmp / "model",
+        "ess_step",
+        lr=2e-2,
+        extra=[
+            "algorithm.rollout_correction.bypass_mode=True",
+            "actor_rollout_ref.rollout.calculate_log_probs=True",
+            "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32}",
+        ],
+    )
+    batch = make_batch(tokenizer)
+    recomputed = old_log_prob(host, batch)  # recorded by the worker, then unused
+    g = torch.Generator().manual_seed(2)
+    rollout = recomputed.batch["old_log_probs"] + 0.3 * torch.randn(
+        recomputed.batch["old_log_probs"].shape, generator=g
+    )
+    batch.batch["rollout_log_probs"] = rollout * batch.batch["response_mask"]
+    batch.batch["old_log_probs"], _ = v1_bypass_old_log_prob(host, batch)
+    result["runs"]["bypass_micro2_fp32"] = run(host, grads, batch)
+    result["runs"]["bypass_micro2_fp32"]["rollout_log_probs"] = batch.batch["rollout_log_probs"]
+    result["response_mask"] = batch.batch["response_mask"].clone()
+    result["seconds"] = time.time() - t0
+    torch.save(result, out_dir / "result.pt")
+    print(f"done in {result['seconds']:.1f} s")
+
+
 class RankView:
     """This rank's side of verl's worker group, for a trainer method called on every rank.
 
@@ -372,6 +458,25 @@ def main_ranks(out_dir: Path) -> None:
                 "micro": micro,
                 "old_log_probs": batch.batch["old_log_probs"].clone(),
             }
+    # Free path: old_log_prob recomputed by the actor and used as is (on-policy first step).
+    host, grads = build_worker(
+        tmp / "model",
+        "ess_step",
+        lr=0.0,
+        micro=1,
+        extra=["+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32}"],
+    )
+    host.actor_rollout_wg = RankView(host.actor_rollout_wg)
+    onpolicy = make_batch(tokenizer)
+    onpolicy = onpolicy.union(old_log_prob(host, onpolicy))
+    first, forwards = len(spy.calls), host.forward_only_calls
+    metrics = update(host, onpolicy.select_idxs(rank_order(world)))
+    result["runs"]["ess_step_onpolicy_micro1"] = {
+        "grads": grads[:2],
+        "metrics": metrics,
+        "calls": spy.calls[first:],
+        "prepass_forwards": host.forward_only_calls - forwards,
+    }
     result["offsets"] = offsets
     result["response_mask"] = batch.batch["response_mask"].clone()
     result["seconds"] = time.time() - t0
@@ -462,6 +567,8 @@ def main(out_dir: Path) -> None:
 if __name__ == "__main__":
     if sys.argv[2:] == ["step"]:
         main_step_scope(Path(sys.argv[1]))
+    elif sys.argv[2:] == ["free"]:
+        main_free_path(Path(sys.argv[1]))
     elif sys.argv[2:] == ["ranks"]:
         main_ranks(Path(sys.argv[1]))
     else:
