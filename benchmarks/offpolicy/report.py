@@ -150,6 +150,44 @@ def _versus_whole(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _paired(result: dict[str, Any]) -> list[str]:
+    """ESS minus each other method, paired by seed (same warm start, prompts and sampler seeds):
+    mean ± std of the per-seed difference in final reward, and in how many seeds ESS is ahead.
+    Pairing removes the spread between seeds' warm starts, which dominates the unpaired std."""
+    methods = [m for m in result["methods"] if m != "ess"]
+    final = {(r["condition"], r["method"], r["seed"]): r["final_reward"] for r in result["runs"]}
+    rows = []
+    for cname in result["conditions"]:
+        cells = []
+        for m in methods:
+            diffs = [
+                final[(cname, "ess", s)] - final[(cname, m, s)]
+                for s in result["seeds"]
+                if (cname, "ess", s) in final and (cname, m, s) in final
+            ]
+            if not diffs:
+                cells.append("n/a")
+                continue
+            mean, std = _mean_std(diffs)
+            ahead = sum(d > 0 for d in diffs)
+            cells.append(f"{mean:+.3f} ± {std:.3f} ({ahead}/{len(diffs)})")
+        if any(c != "n/a" for c in cells):
+            rows.append(f"| {cname} | " + " | ".join(cells) + " |")
+    if "ess" not in result["methods"] or not rows:
+        return []
+    return [
+        "",
+        "## ESS minus each method, paired by seed (final reward)",
+        "",
+        "Mean ± std over seeds of (ESS − method) for the same seed; in parentheses, the seeds "
+        "where ESS finished higher.",
+        "",
+        "| condition | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+        *rows,
+    ]
+
+
 def _describe_condition(v: dict[str, Any]) -> str:
     parts = [f"sampler {v['sampler']}", f"T={v['temperature']}"]
     if v["report_untempered"]:
@@ -233,6 +271,7 @@ def markdown(result: dict[str, Any], notes: Sequence[str] = ()) -> str:
             lines.append(f"\nESS vs {label}, over {len(verdicts)} conditions: {counts}.")
     methods = list(result["methods"])
     lines += _method_table("Final reward (mean ± std over seeds)", summary, methods, _fmt)
+    lines += _paired(result)
     lines += _method_table(
         "Collapsed runs (of runs per cell)",
         summary,
