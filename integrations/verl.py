@@ -553,7 +553,7 @@ def enable_step_scope(free_path: bool = True) -> None:
 
     * free path (``free_path=True``, the default): when every data-parallel rank's mini-batch
       holds, as ``old_log_probs``, exactly the log-probs this worker's ``compute_log_prob``
-      produced at the current parameters (:class:`_OnPolicyRecord`; in verl's default mode, the
+      produced at the current parameters (``_OnPolicyRecord``; in verl's default mode, the
       first mini-batch of each update), the statistics of ``d = 0`` on the valid tokens, no
       forward;
     * otherwise (bypass mode, later mini-batches, ``free_path=False``): a no-grad pre-pass
