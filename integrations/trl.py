@@ -92,29 +92,35 @@ class ESSGRPOConfig(GRPOConfig):
     defaults. Every ``GRPOConfig`` field keeps its meaning (see ``docs/trl.md`` for the mapping).
 
     Args:
-        ess_scope: ``"batch"`` (default: one ESS over the valid tokens of the loss call, all-reduced
-            over data-parallel ranks) or ``"sequence"`` (one ESS per sequence); passed to
+        ess_scope: ``"batch"`` (default: one ESS over the valid tokens of ``ess_window``, all
+            data-parallel ranks included) or ``"sequence"`` (one ESS per sequence); passed to
             :func:`ess_po.ess_policy_loss`.
         use_sampling_logps: when the inputs carry the rollout engine's log-probabilities
             (``sampling_per_token_logps``: vLLM or a custom rollout), use them as the behaviour
             policy of the ESS objective (default ``True``). ``False`` keeps TRL's behaviour policy
             (``old_per_token_logps``) and TRL's importance-sampling ratio as a token weight.
-        ess_window: the tokens one batch ESS is computed over. ``"micro_batch"`` (default, as
-            the authors' reference implementation): each loss call's tokens, all-reduced over
-            data-parallel ranks, so the ESS depends on ``per_device_train_batch_size``.
-            ``"step"``: all valid tokens of the optimizer step (every gradient-accumulation
-            micro-batch, every rank), computed before the step's first backward: free on the
-            first optimizer step after a generation when TRL's ``old_per_token_logps`` are in the
-            inputs (or not needed), else one no-grad forward per micro-batch. Needs
-            ``ess_scope="batch"`` and ``steps_per_generation`` a multiple of
-            ``gradient_accumulation_steps``.
+        ess_window: the tokens one batch ESS is computed over in training. ``"step"``
+            (default): all valid tokens of the optimizer step (every gradient-accumulation
+            micro-batch, every data-parallel rank), computed before the step's first backward
+            (:func:`ess_po.step_stats`), so the ESS and the step's gradient do not depend on
+            ``per_device_train_batch_size`` or the accumulation split. It is free on the first
+            optimizer step after a generation when TRL's ``old_per_token_logps`` are in the inputs
+            or no sampler log-probs are used (the ratios are then in hand), else one no-grad
+            forward per micro-batch. It needs ``steps_per_generation`` to be a multiple of
+            ``gradient_accumulation_steps`` (TRL's default: equal). ``"micro_batch"``: each loss
+            call's tokens, all-reduced over data-parallel ranks, as the authors' reference
+            implementation; the ESS then depends on the micro-batch size. The window applies to
+            ``ess_scope="batch"`` only: with ``"sequence"`` each sequence's ESS is over its own
+            tokens whatever the split, and the window is ignored. Evaluation uses each loss
+            call's tokens (evaluation has no optimizer step).
         ess_check_values: enable the core's host-syncing value checks (debugging only).
     """
 
     ess_scope: str = field(
         default="batch",
         metadata={
-            "help": "'batch' (one ESS per loss call, over all ranks) or 'sequence' (one ESS per sequence)."
+            "help": "'batch' (one ESS over the ess_window's tokens, all ranks) or 'sequence' (one ESS per "
+            "sequence)."
         },
     )
     use_sampling_logps: bool = field(
@@ -124,9 +130,10 @@ class ESSGRPOConfig(GRPOConfig):
         },
     )
     ess_window: str = field(
-        default="micro_batch",
+        default="step",
         metadata={
-            "help": "'micro_batch' (one ESS per loss call) or 'step' (one ESS per optimizer step)."
+            "help": "'step' (one ESS per optimizer step) or 'micro_batch' (one ESS per loss call); "
+            "batch scope only."
         },
     )
     ess_check_values: bool = field(
@@ -145,27 +152,25 @@ def _validate_ess_options(args: Any) -> None:
     scope = getattr(args, "ess_scope", "batch")
     if scope not in _ESS_SCOPES:
         raise ValueError(
-            f"ess_scope must be one of {_ESS_SCOPES}, got {scope!r}. Use 'batch' for one ESS per loss call "
-            "or 'sequence' for one ESS per sequence."
+            f"ess_scope must be one of {_ESS_SCOPES}, got {scope!r}. Use 'batch' for one ESS over the "
+            "ess_window's tokens or 'sequence' for one ESS per sequence."
         )
-    window = getattr(args, "ess_window", "micro_batch")
+    window = getattr(args, "ess_window", "step")
     if window not in _ESS_WINDOWS:
         raise ValueError(
-            f"ess_window must be one of {_ESS_WINDOWS}, got {window!r}. Use 'micro_batch' for one ESS per "
-            "loss call or 'step' for one ESS per optimizer step."
+            f"ess_window must be one of {_ESS_WINDOWS}, got {window!r}. Use 'step' for one ESS per "
+            "optimizer step or 'micro_batch' for one ESS per loss call."
         )
-    if window == "step":
-        if scope != "batch":
-            raise ValueError(
-                f"ess_window='step' pools one batch ESS over the optimizer step; it needs ess_scope='batch', "
-                f"got ess_scope={scope!r}. Use ess_window='micro_batch' with a per-sequence ESS."
-            )
+    # A per-sequence ESS does not depend on the split: the window applies to batch scope only.
+    if window == "step" and scope == "batch":
         spg, accum = args.steps_per_generation, args.gradient_accumulation_steps
         if spg is not None and spg % accum != 0:
             raise ValueError(
-                f"ess_window='step' needs every optimizer step's micro-batches generated before its first "
-                f"backward: steps_per_generation ({spg}) must be a multiple of gradient_accumulation_steps "
-                f"({accum}). Set steps_per_generation to {accum} (TRL's default) or a multiple of it."
+                f"ess_window='step' (the default) needs every optimizer step's micro-batches "
+                f"generated before its first backward: steps_per_generation ({spg}) must be a "
+                f"multiple of gradient_accumulation_steps ({accum}). Set steps_per_generation to "
+                f"{accum} (TRL's default) or a multiple of it, or use one ESS per loss call: "
+                "ESSGRPOConfig(ess_window='micro_batch')."
             )
 
 
@@ -232,8 +237,12 @@ class ESSGRPOTrainer(GRPOTrainer):
 
     * Objective. Per token, ``-sg(min(w, ESS)) * A * logp + (1 - ESS) * (d + exp(-d) - 1)`` with
       ``d = logp - logp_old`` and the ESS of the ratios ``w = exp(d)`` over the valid tokens of the
-      loss call (one micro-batch), all-reduced over data-parallel ranks. On-policy ESS is 1 and the
-      gradient equals ``GRPOTrainer``'s (REINFORCE with TRL's advantages and normalisation).
+      optimizer step (every accumulation micro-batch, all data-parallel ranks: ``ess_window=
+      "step"``, the default), so the update does not depend on how the step is split into
+      micro-batches; ``ess_window="micro_batch"`` takes the tokens of each loss call instead, and
+      ``ess_scope="sequence"`` one ESS per sequence (the window does not apply). On-policy ESS is
+      1 and the gradient equals ``GRPOTrainer``'s (REINFORCE with TRL's advantages and
+      normalisation).
     * Normalisation follows ``loss_type``: ``"dapo"`` (default: tokens of the whole accumulated
       batch), ``"bnpo"``, ``"dr_grpo"``, ``"grpo"``, ``"luspo"``. ``"cispo"``, ``"sapo"`` and
       ``"vespo"`` are different objectives and raise. ``epsilon``, ``epsilon_high`` and ``delta``
@@ -272,7 +281,7 @@ class ESSGRPOTrainer(GRPOTrainer):
         self.ess_scope: str = getattr(self.args, "ess_scope", "batch")
         self.use_sampling_logps: bool = getattr(self.args, "use_sampling_logps", True)
         self.ess_check_values: bool = getattr(self.args, "ess_check_values", False)
-        self.ess_window: str = getattr(self.args, "ess_window", "micro_batch")
+        self.ess_window: str = getattr(self.args, "ess_window", "step")
         self._ess_step_stats: ESSStats | None = None
         if self.use_vllm and self.vllm_importance_sampling_correction and self.use_sampling_logps:
             warnings.warn(
@@ -426,7 +435,7 @@ class ESSGRPOTrainer(GRPOTrainer):
             weights = weights.expand_as(mask)
 
         stats = None
-        if self.ess_window == "step" and mode == "train":
+        if self.ess_window == "step" and self.ess_scope == "batch" and mode == "train":
             if self._step % self.current_gradient_accumulation_steps == 0:  # the step's first call
                 self._ess_step_stats = self._step_ess_stats()
             stats = self._ess_step_stats

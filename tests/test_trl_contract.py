@@ -191,6 +191,7 @@ def test_positional_arguments_as_grpo_trainer(tmp_path):
     assert trainer.args is args and trainer.train_dataset is dataset
     assert trainer.processing_class is tok
     assert trainer.ess_scope == "batch" and trainer.use_sampling_logps  # ESSGRPOConfig defaults
+    assert trainer.ess_window == "step"
     # no reward source: TRL's own error, not a TypeError about a missing argument
     with pytest.raises(ValueError, match="No reward source provided"):
         ESSGRPOTrainer(build_tiny_model(tok), None, args, dataset, processing_class=tok)
@@ -207,7 +208,7 @@ def test_ess_config_extends_grpo_config(tmp_path):
     assert ours == {
         "ess_scope": "batch",
         "use_sampling_logps": True,
-        "ess_window": "micro_batch",
+        "ess_window": "step",
         "ess_check_values": False,
     }
     config = ESSGRPOConfig(
@@ -218,20 +219,31 @@ def test_ess_config_extends_grpo_config(tmp_path):
         ESSGRPOConfig(output_dir=str(tmp_path), ess_scope="token", report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="ess_window must be one of"):
         ESSGRPOConfig(output_dir=str(tmp_path), ess_window="epoch", report_to=[], use_cpu=True)
-    with pytest.raises(ValueError, match="needs ess_scope='batch'"):
-        ESSGRPOConfig(
-            output_dir=str(tmp_path),
-            ess_window="step",
-            ess_scope="sequence",
-            report_to=[],
-            use_cpu=True,
-        )
-    with pytest.raises(ValueError, match="must be a multiple of gradient_accumulation_steps"):
-        ESSGRPOConfig(
-            output_dir=str(tmp_path),
-            ess_window="step",
-            gradient_accumulation_steps=2,
-            steps_per_generation=1,
-            report_to=[],
-            use_cpu=True,
-        )
+    # the default window needs steps_per_generation to be a multiple of the accumulation steps;
+    # the error names both fixes
+    split = {"gradient_accumulation_steps": 2, "steps_per_generation": 1}
+    common = {"output_dir": str(tmp_path), "report_to": [], "use_cpu": True}
+    with pytest.raises(
+        ValueError, match="must be a multiple of gradient_accumulation_steps"
+    ) as err:
+        ESSGRPOConfig(**common, **split)
+    assert "ess_window='micro_batch'" in str(err.value)
+    assert "steps_per_generation (1)" in str(err.value)
+    # a per-call ESS, or a per-sequence one (the window does not apply), needs nothing
+    assert ESSGRPOConfig(**common, **split, ess_window="micro_batch").ess_window == "micro_batch"
+    assert ESSGRPOConfig(**common, **split, ess_scope="sequence").ess_window == "step"
+    assert ESSGRPOConfig(**common, ess_scope="sequence", ess_window="step").ess_scope == "sequence"
+    # TRL's default steps_per_generation (None -> gradient_accumulation_steps) passes
+    assert ESSGRPOConfig(**common, gradient_accumulation_steps=4).steps_per_generation == 4
+
+
+def test_plain_grpo_config_gets_the_step_window_check(tmp_path):
+    """A plain GRPOConfig gives ESSGRPOConfig's defaults, the step window's check included."""
+    from ess_po.integrations.tiny import build_tiny_model, build_tiny_tokenizer, copy_reward
+    from trl_helpers import BASE_CONFIG
+
+    config = {**BASE_CONFIG, "gradient_accumulation_steps": 2, "steps_per_generation": 1}
+    args = GRPOConfig(output_dir=str(tmp_path), **config)
+    model = build_tiny_model(build_tiny_tokenizer())
+    with pytest.raises(ValueError, match="ess_window='micro_batch'"):
+        ESSGRPOTrainer(model, copy_reward, args)

@@ -1,11 +1,14 @@
-"""``ess_window="step"``: one ESS over the whole optimizer step, whatever the micro-batch split.
+"""``ess_window="step"`` (the default): one ESS over the whole optimizer step, whatever the
+micro-batch split; ``"micro_batch"``: one ESS per loss call; ``ess_scope="sequence"``: the window
+does not apply.
 
 The same optimizer steps (16 sequences each: the same generation, the same shuffle) are run by
 TRL's own training loop split into 1, 2, 4 and 8 gradient-accumulation micro-batches, with vLLM-style
 sampler log-probabilities (``trl_helpers.StandInVLLM``) and ``num_iterations=2``: step 1 is the
 first step after a generation (the free path: statistics from the log-probs in hand), step 2
 reuses the batch after an update (the no-grad pre-pass). Recorded: the ESS of every loss call
-and the summed gradient of every optimizer step (``on_pre_optimizer_step``).
+(the per-sequence mean in sequence scope), whether the core got step statistics, and the summed
+gradient of every optimizer step (``on_pre_optimizer_step``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ pytest.importorskip("trl")
 
 import ess_po.integrations.trl as trl_adapter
 from transformers import TrainerCallback
-from trl_helpers import flat_grad, make_vllm_trainer, run_two_processes
+from trl_helpers import flat_grad, make_trainer, make_vllm_trainer, run_two_processes
 
 SEQUENCES_PER_STEP = 16
 
@@ -30,30 +33,39 @@ class _StepGradients(TrainerCallback):
         self.grads.append(flat_grad(model).clone())
 
 
-def _run(tmp_path, monkeypatch, *, accum: int, window: str):
+def _run(tmp_path, monkeypatch, *, accum: int, window: str | None, **config):
+    """Train 2 steps split into ``accum`` micro-batches; ``window=None``: ESSGRPOConfig's default.
+
+    Returns the ESS of every call as (optimizer step, micro-batch), the step gradients, and
+    whether each call passed step statistics to the core.
+    """
     calls: list[float] = []
+    with_stats: list[bool] = []
     core = trl_adapter.ess_policy_loss
 
     def recording_loss(*args, **kwargs):
         out = core(*args, **kwargs)
         calls.append(float(out.ess))
+        with_stats.append(kwargs.get("stats") is not None)
         return out
 
     monkeypatch.setattr(trl_adapter, "ess_policy_loss", recording_loss)
+    if window is not None:
+        config["ess_window"] = window
     trainer = make_vllm_trainer(
-        tmp_path / f"{window}-{accum}",
+        tmp_path / f"{window}-{accum}-{len(config)}",
         per_device_train_batch_size=SEQUENCES_PER_STEP // accum,
         gradient_accumulation_steps=accum,
         num_iterations=2,
         max_steps=2,
         max_grad_norm=0.0,  # no clipping: compare raw summed gradients
-        ess_window=window,
+        **config,
     )
     recorder = _StepGradients()
     trainer.add_callback(recorder)
     trainer.train()
     ess = torch.tensor(calls).reshape(2, accum)  # (optimizer step, micro-batch)
-    return ess, recorder.grads
+    return ess, recorder.grads, with_stats
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,11 +78,11 @@ def test_step_window_is_invariant_to_the_micro_batch_split(tmp_path, monkeypatch
     over the current micro-batch only (``range(1)``); the free path on every step
     (``fresh = True``: stale log-probs on the reused batch)."""
     # the reference: one micro-batch per step, per-call ESS = the ESS of the whole step
-    whole, whole_grads = _run(tmp_path, monkeypatch, accum=1, window="micro_batch")
+    whole, whole_grads, _ = _run(tmp_path, monkeypatch, accum=1, window="micro_batch")
     assert whole[0, 0] < 0.99  # step 1: the sampler mismatch (free path)
     assert whole[1, 0] < whole[0, 0]  # step 2: plus one update of drift (pre-pass)
     for accum in (1, 2, 4, 8):
-        ess, grads = _run(tmp_path, monkeypatch, accum=accum, window="step")
+        ess, grads, _ = _run(tmp_path, monkeypatch, accum=accum, window="step")
         # one ESS per step, shared by its micro-batches, equal to the whole step's
         torch.testing.assert_close(ess, whole.expand(2, accum), rtol=1e-5, atol=1e-6)
         for got, want in zip(grads, whole_grads, strict=True):
@@ -80,12 +92,49 @@ def test_step_window_is_invariant_to_the_micro_batch_split(tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_micro_batch_window_depends_on_the_split(tmp_path, monkeypatch):
-    """The default (the reference implementation's per-call ESS) is not invariant: with 4
+    """The per-call window (the reference implementation's) is not invariant: with 4
     micro-batches each call sees its own ESS, and the step's gradient changes."""
-    whole, whole_grads = _run(tmp_path, monkeypatch, accum=1, window="micro_batch")
-    split, split_grads = _run(tmp_path, monkeypatch, accum=4, window="micro_batch")
+    whole, whole_grads, _ = _run(tmp_path, monkeypatch, accum=1, window="micro_batch")
+    split, split_grads, _ = _run(tmp_path, monkeypatch, accum=4, window="micro_batch")
     assert (split - whole).abs().max() > 1e-3
     assert _rel(split_grads[1], whole_grads[1]) > 1e-3
+
+
+def test_default_window_is_invariant_to_the_micro_batch_split(tmp_path, monkeypatch):
+    """ESSGRPOConfig's default is the step window: 16 sequences per step as 1 x 16 or 4 x 4
+    (per_device_train_batch_size and gradient_accumulation_steps both change) give one ESS per
+    step and the same step gradients. Mutation checked: the default ``ess_window="micro_batch"``
+    fails it."""
+    whole, whole_grads, _ = _run(tmp_path, monkeypatch, accum=1, window=None)
+    split, split_grads, with_stats = _run(tmp_path, monkeypatch, accum=4, window=None)
+    assert all(with_stats)
+    assert whole[1, 0] < 0.99  # off-policy: the window matters here
+    torch.testing.assert_close(split, whole.expand(2, 4), rtol=1e-5, atol=1e-6)
+    for got, want in zip(split_grads, whole_grads, strict=True):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sequence_scope_ignores_the_window(tmp_path, monkeypatch):
+    """``ess_scope="sequence"`` with the default window: no step statistics reach the core (it
+    refuses them with a per-sequence ESS), and each sequence's ESS is over its own tokens, so the
+    step gradient is the same for 1 x 16 and 4 x 4 micro-batches and equals the per-call
+    window's. Mutation checked: the trainer passing step statistics whatever the scope (dropping
+    ``self.ess_scope == "batch"``) fails it (the core's ValueError)."""
+    whole, whole_grads, _ = _run(tmp_path, monkeypatch, accum=1, window=None, ess_scope="sequence")
+    _, split_grads, with_stats = _run(
+        tmp_path, monkeypatch, accum=4, window=None, ess_scope="sequence"
+    )
+    _, per_call_grads, _ = _run(
+        tmp_path, monkeypatch, accum=4, window="micro_batch", ess_scope="sequence"
+    )
+    assert not any(with_stats)
+    assert whole[1, 0] < 0.99
+    for got, per_call, want in zip(split_grads, per_call_grads, whole_grads, strict=True):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got, per_call, rtol=0, atol=0)
 
 
 @pytest.mark.slow
@@ -98,3 +147,46 @@ def test_step_window_two_processes(tmp_path):
     torch.testing.assert_close(ess[0], ess[1], rtol=0, atol=0)
     torch.testing.assert_close(ess[0], ess[0][:, :1].expand(2, 2), rtol=0, atol=0)
     assert ess[0][1, 0] < 1 - 1e-4  # the reused batch, after one update
+
+
+# (config, pre-pass forwards per optimizer step over 2 steps), 2 micro-batches per step
+_PRE_PASS_CASES = {
+    # TRL's defaults (num_iterations=1, steps_per_generation = GA): every step is free
+    "defaults": ({}, [0, 0]),
+    # step 2 reuses the batch after an update: one no-grad forward per micro-batch
+    "num_iterations=2": ({"num_iterations": 2}, [0, 2]),
+    # sampler log-probs and TRL's old_per_token_logps (its IS correction): free
+    "vllm": ({"vllm": True}, [0, 0]),
+    # sampler log-probs without old_per_token_logps (correction off): the forward every step
+    "vllm-correction-off": ({"vllm": True, "vllm_importance_sampling_correction": False}, [2, 2]),
+}
+
+
+@pytest.mark.parametrize("case", list(_PRE_PASS_CASES))
+def test_step_window_pre_pass_forwards(tmp_path, case):
+    """The default window's cost, counted: the no-grad forwards of the pre-pass per optimizer
+    step. Mutations checked, each fails: ``fresh = True`` (num_iterations=2: no forward on the
+    reused batch); ``fresh = False`` (defaults: forwards on free steps); the free path without
+    the ``sampling is None`` condition (vllm-correction-off: no forward, zero ratios)."""
+    config, expected = _PRE_PASS_CASES[case]
+    config = dict(config)
+    make = make_vllm_trainer if config.pop("vllm", False) else make_trainer
+    trainer = make(
+        tmp_path,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        **config,
+    )
+    assert trainer.ess_window == "step"
+    steps: list[int] = []
+    policy_logps = trainer._policy_logps
+
+    def counting(model, inputs, *, compute_entropy=True):
+        if not compute_entropy:  # the pre-pass; the loss's own forward computes entropies
+            steps.append(trainer._step // 2)
+        return policy_logps(model, inputs, compute_entropy=compute_entropy)
+
+    trainer._policy_logps = counting
+    trainer.train()
+    assert [steps.count(step) for step in range(2)] == expected

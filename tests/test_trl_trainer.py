@@ -62,8 +62,13 @@ EQUALITY_CASES = {
     # num_items_in_batch spans 2 micro-batches: mutation `n = n * accum` (drop
     # `/ steps_per_generation`) and mutation "normaliser = mask.sum()" both fail.
     "dapo": {"steps_per_generation": 2},
-    # GA != steps_per_generation: mutation "swap accum and steps_per_generation" fails.
-    "dapo-accum": {"gradient_accumulation_steps": 2, "steps_per_generation": 1},
+    # GA != steps_per_generation: mutation "swap accum and steps_per_generation" fails. A step
+    # window needs steps_per_generation to be a multiple of GA: one ESS per loss call here.
+    "dapo-accum": {
+        "gradient_accumulation_steps": 2,
+        "steps_per_generation": 1,
+        "ess_window": "micro_batch",
+    },
     # GA = 2 for the rest: mutation "drop `* accum`" in the loss type's branch fails.
     "grpo": {"loss_type": "grpo", "gradient_accumulation_steps": 2},  # mutation: token-mean
     "bnpo": {"loss_type": "bnpo", "gradient_accumulation_steps": 2},  # mutation: num_items_in_batch
@@ -599,9 +604,11 @@ def test_checkpoint_mid_run_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_share_one_ess(tmp_path):
-    """2 CPU ranks (gloo, torchrun): ESS is global (identical on both ranks) while each rank's
-    local diagnostics differ; metrics are gathered into the logs (``ess/ratio_min``: the minimum
-    over ranks; mutation "ess/ratio_min reduced by the mean" fails).
+    """2 CPU ranks (gloo, torchrun), one ESS per loss call (``ess_window="micro_batch"``; the
+    step window's 2-rank test is in test_trl_step_window.py): ESS is global (identical on both
+    ranks) while each rank's local diagnostics differ; metrics are gathered into the logs
+    (``ess/ratio_min``: the minimum over ranks; mutation "ess/ratio_min reduced by the mean"
+    fails).
 
     Launch: torchrun's standalone rendezvous on a port the OS picks, on 127.0.0.1, with the
     parent's distributed variables removed; the workers leave through a barrier."""

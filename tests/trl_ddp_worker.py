@@ -1,8 +1,9 @@
 """Worker for tests/test_trl_trainer.py::test_two_processes_share_one_ess (run under torchrun).
 
 Trains ESSGRPOTrainer for a few steps on 2 CPU ranks (gloo) and writes, per rank, the ESS and
-local behaviour KL that every loss call saw, plus the logged ess/mean. With a second argument
-``step``: ``ess_window="step"`` with 2 gradient-accumulation micro-batches per optimizer step
+local behaviour KL that every loss call saw, plus the logged ess/mean, with one ESS per loss call
+(``ess_window="micro_batch"``). With a second argument ``step``: ``ess_window="step"`` with 2
+gradient-accumulation micro-batches per optimizer step
 (tests/test_trl_step_window.py::test_step_window_two_processes).
 """
 
@@ -46,7 +47,9 @@ def main(out_dir: Path, mode: str = "micro_batch") -> None:
             out_dir / "run", max_steps=2, num_iterations=2, ess_window="step", **config
         )
     else:
-        trainer = make_trainer(out_dir / "run", max_steps=4, num_iterations=2)
+        trainer = make_trainer(
+            out_dir / "run", max_steps=4, num_iterations=2, ess_window="micro_batch"
+        )
     assert trainer.accelerator.num_processes == 2, trainer.accelerator.state
     rank = trainer.accelerator.process_index
     before = [p.detach().clone() for p in trainer.model.parameters()]

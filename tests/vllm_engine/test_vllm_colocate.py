@@ -190,17 +190,21 @@ def test_trl_importance_sampling_ratio_is_not_applied_on_top(run):
 
 def test_use_sampling_logps_false_restores_trl_behaviour(run):
     """``use_sampling_logps=False``: logp_old is TRL's old_per_token_logps and TRL's IS ratio
-    weights the policy term. Replayed on the recorded step-1 inputs (no second engine)."""
+    weights the policy term. Replayed on the recorded step-1 inputs (no second engine), with one
+    ESS per loss call: the default step window would take its statistics from the trainer's
+    buffered batch of the last step, not from the replayed inputs."""
     trainer = run["trainer"]
     x = dict(run["inputs"][0])
     spy = CoreSpy()
     trainer.use_sampling_logps = False
+    trainer.ess_window = "micro_batch"
     trl_adapter.ess_policy_loss = spy
     try:
         trainer._compute_loss(trainer.model, x)
     finally:
         trl_adapter.ess_policy_loss = spy.original
         trainer.use_sampling_logps = True
+        trainer.ess_window = "step"
     (core,) = spy.calls
     torch.testing.assert_close(core["logp_old"], x["old_per_token_logps"])
     # TRL's default vllm_importance_sampling_mode is per sequence: (B, 1), broadcast over tokens
