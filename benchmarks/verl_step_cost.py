@@ -131,12 +131,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     seconds: dict[tuple, list[float]] = {c: [] for c in conditions}
     recompute: dict[tuple, list[float]] = {(d, m): [] for d in args.dtypes for m in args.micros}
+    # The free path's recompute also records per-sequence digests: timed separately.
+    recompute_free: dict[tuple, list[float]] = {
+        (d, m): [] for d in args.dtypes for m in args.micros
+    }
     logged_ess: dict[tuple, float] = {}
     logged_free: dict[tuple, float] = {}
     prepass_forwards: dict[tuple, list[int]] = {c: [] for c in conditions}
     for rep in range(args.repeats):
         for condition in conditions if rep % 2 == 0 else conditions[::-1]:
+            start = time.perf_counter()
             host, batch = hosts[condition][0], batch_for(condition)
+            if condition[2] == "ess_step_free":
+                recompute_free[condition[:2]].append(time.perf_counter() - start)
             forwards = host.forward_only_calls
             start = time.perf_counter()
             metrics = vaw.update(host, batch)
@@ -168,6 +175,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ratio_with_recompute = [
                 (c + s) / (c + e) for c, s, e in zip(r, t["ess_step"], t["ess"], strict=True)
             ]
+            rf = recompute_free[dtype, micro]
+            free_with_recompute = [
+                (cf + s) / (c + e)
+                for cf, c, s, e in zip(rf, r, t["ess_step_free"], t["ess"], strict=True)
+            ]
             rows.append(
                 {
                     "dtype": dtype,
@@ -184,6 +196,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         m: logged_free[dtype, micro, m] for m in MODES[2:]
                     },
                     "old_log_prob_seconds": summary(r),
+                    "old_log_prob_seconds_free_worker": summary(rf),
+                    "ess_step_free_over_ess_with_recompute": {
+                        **summary(free_with_recompute),
+                        "per_repeat": free_with_recompute,
+                    },
                     "ess_step_over_ess_with_recompute": {
                         **summary(ratio_with_recompute),
                         "per_repeat": ratio_with_recompute,
@@ -240,26 +257,30 @@ def markdown(result: dict[str, Any]) -> str:
         "`RayPPOTrainer._update_actor` on 16 sequences = 2 optimizer steps of 8; policy frozen "
         "(lr 0). `ess_step`: old_log_prob = recomputed minus known log-ratio offsets, so the "
         "pre-pass runs before both optimizer steps; `ess_step (free)`: verl's recomputed "
-        "old_log_prob as is, recomputed (untimed) before each update, so the first optimizer step "
+        "old_log_prob as is, recomputed before each update (timed apart: it also records the free "
+        "path's per-sequence digests), so the first optimizer step "
         "takes the free path (no forward) and the second the pre-pass. "
         f"{s['repeats']} interleaved repeats after {s['warmup']} warm-up update(s) per worker.",
         "",
         "Update time (s), median over repeats [min, max]; `ess_step` / `ess` and `free` / `ess`: "
         "median (min, max) of the per-repeat ratio; *pre-pass fwd*: pre-pass forwards per update "
-        "(`ess_step` / free), counted on the engine; *with recompute*: the same ratio with verl's `old_log_prob` "
-        "recompute (timed on the `ess` worker, 4 sequences per forward) added to both, the actor "
-        "work of one trainer step. *actor/ess*: the mean over calls that verl logged in the last "
+        "(`ess_step` / free), counted on the engine; *old_log_prob*: verl's recompute (4 sequences "
+        "per forward) on the `ess` worker / on the free-path worker (with its digests); *with "
+        "recompute*: `ess_step` / `ess` and free / `ess` with each worker's recompute added, the "
+        "actor work of one trainer step. *actor/ess*: the mean over calls that verl logged in the last "
         "update (`ess` / `ess_step` / free; free: step 1 on-policy, ESS 1); the two optimizer steps' ESS, from the known log-ratios in "
         f"float64: {result['step_ess'][0]:.4f} and {result['step_ess'][1]:.4f}.",
         "",
         "| compute | micro-batch | calls / step | `vanilla` | `ess` | `ess_step` | `ess_step` (free) "
-        "| `ess_step` / `ess` | free / `ess` | pre-pass fwd | old_log_prob | with recompute "
-        "| actor/ess |",
+        "| `ess_step` / `ess` | free / `ess` | pre-pass fwd | old_log_prob | with recompute: "
+        "`ess_step` / free | actor/ess |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         t, c = row["update_seconds"], row["old_log_prob_seconds"]
+        cf = row["old_log_prob_seconds_free_worker"]
         r, rc = row["ess_step_over_ess"], row["ess_step_over_ess_with_recompute"]
+        rcf = row["ess_step_free_over_ess_with_recompute"]
         f = row["ess_step_free_over_ess"]
         fwd = row["prepass_forwards_per_update"]
         ess = row["logged_actor_ess"]
@@ -270,8 +291,9 @@ def markdown(result: dict[str, Any]) -> str:
             + f" | {r['median']:.2f} ({r['min']:.2f}, {r['max']:.2f})"
             + f" | {f['median']:.2f} ({f['min']:.2f}, {f['max']:.2f})"
             + f" | {'/'.join(str(fwd[m]) for m in MODES[2:])}"
-            + f" | {c['median']:.3f} [{c['min']:.3f}, {c['max']:.3f}]"
-            + f" | {rc['median']:.2f} ({rc['min']:.2f}, {rc['max']:.2f})"
+            + f" | {c['median']:.3f} / {cf['median']:.3f}"
+            + f" | {rc['median']:.2f} ({rc['min']:.2f}, {rc['max']:.2f}) / "
+            + f"{rcf['median']:.2f} ({rcf['min']:.2f}, {rcf['max']:.2f})"
             + f" | {ess['ess']:.4f} / {ess['ess_step']:.4f} / {ess['ess_step_free']:.4f} |"
         )
     lines.append("")
