@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_model(directory: Path, args: argparse.Namespace) -> list[float]:
     """Tiny Qwen2 (head_dim 64, a size vLLM's CPU attention supports), warm-started, saved."""
-    from ess_po.integrations import tiny
+    from ess_po.testing import tiny
 
     tok = tiny.build_tiny_tokenizer()
     model = tiny.build_tiny_model(tok, hidden_size=256, num_layers=4, num_heads=4, seed=args.seed)
@@ -136,7 +136,7 @@ def _stats(logp_trainer, logp_sampler, mask) -> dict[str, Any]:
 
 def mismatch_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from ess_po.integrations import tiny
+    from ess_po.testing import tiny
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
 
@@ -203,7 +203,7 @@ def mismatch_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def train_worker(args: argparse.Namespace) -> dict[str, Any]:
-    from ess_po.integrations import tiny
+    from ess_po.testing import tiny
     from ess_po.integrations.trl import ESSGRPOTrainer
     from trl import GRPOConfig, GRPOTrainer
 

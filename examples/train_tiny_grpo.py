@@ -24,7 +24,7 @@ Written to --output-dir:
     summary.json         start/end reward, ESS range, settings
 
 A real model and dataset (needs network or a local copy; the dataset needs a "prompt" column
-and an answer column, and the reward is ess_po.integrations.tiny.copy_reward):
+and an answer column, and the reward is ess_po.testing.tiny.copy_reward):
 
     python examples/train_tiny_grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset my/dataset --answer-column answer --warm-start-steps 0
 """
@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(model, tokenizer, dataset) from --model/--dataset or the built-in tiny ones."""
-    from ess_po.integrations import tiny
+    from ess_po.testing import tiny
 
     if args.model is None:
         tokenizer = tiny.build_tiny_tokenizer()
@@ -138,7 +138,7 @@ def running_mean(values: list[float], window: int) -> list[float]:
 def train(args: argparse.Namespace, kind: str, out: Path) -> tuple[list[dict[str, Any]], float]:
     """Train one fresh model with ``kind`` ("ess" or "grpo"); return the logged rows and seconds."""
     import torch
-    from ess_po.integrations.tiny import copy_reward, warm_start
+    from ess_po.testing.tiny import copy_reward, warm_start
     from ess_po.integrations.trl import ESSGRPOTrainer
     from transformers import ProgressCallback
     from trl import GRPOConfig, GRPOTrainer

@@ -41,11 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_tiny_without_the_trl_extra_names_the_extra() -> None:
     """Without tokenizers, importing the fixture fails at once with an ImportError naming the
     `trl` extra (not a bare ModuleNotFoundError on first use). Mutation checked: deleting the
-    import-time guard in integrations/tiny.py makes the import succeed and this test fail."""
+    import-time guard in ess_po/testing/tiny.py makes the import succeed and this test fail."""
     code = (
         "import sys; sys.modules['tokenizers'] = None\n"
         "try:\n"
-        "    import ess_po.integrations.tiny\n"
+        "    import ess_po.testing.tiny\n"
         "except ImportError as e:\n"
         "    print(type(e).__name__, e)\n"
     )
@@ -58,7 +58,7 @@ def _install_lines() -> list[tuple[str, int, str]]:
     files = [
         ROOT / "README.md",
         *(ROOT / "docs").rglob("*.md"),
-        *(ROOT / "integrations").glob("*.py"),
+        *(ROOT / "ess_po" / "integrations").rglob("*.py"),
     ]
     hits = []
     for path in files:

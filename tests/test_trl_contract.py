@@ -176,7 +176,7 @@ def test_init_signature_is_grpo_trainers():
 
 def test_positional_arguments_as_grpo_trainer(tmp_path):
     """model, reward_funcs, args, train_dataset, eval_dataset, processing_class by position."""
-    from ess_po.integrations.tiny import (
+    from ess_po.testing.tiny import (
         build_task_dataset,
         build_tiny_model,
         build_tiny_tokenizer,
@@ -239,7 +239,7 @@ def test_ess_config_extends_grpo_config(tmp_path):
 
 def test_plain_grpo_config_gets_the_step_window_check(tmp_path):
     """A plain GRPOConfig gives ESSGRPOConfig's defaults, the step window's check included."""
-    from ess_po.integrations.tiny import build_tiny_model, build_tiny_tokenizer, copy_reward
+    from ess_po.testing.tiny import build_tiny_model, build_tiny_tokenizer, copy_reward
     from trl_helpers import BASE_CONFIG
 
     config = {**BASE_CONFIG, "gradient_accumulation_steps": 2, "steps_per_generation": 1}

@@ -445,7 +445,7 @@ def test_train_bf16_model_with_sampler_logps(tmp_path, monkeypatch):
     log-prob helper computes them in float32), so the core sees float32 on both sides here; bf16
     beside float32 is the core's own test."""
     import ess_po.integrations.trl as trl_adapter
-    from ess_po.integrations.tiny import build_tiny_model, build_tiny_tokenizer
+    from ess_po.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
     dtypes = set()
     core = trl_adapter.ess_policy_loss

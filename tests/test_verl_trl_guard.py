@@ -37,7 +37,7 @@ _PROBE = """
         from verl.trainer.ppo.core_algos import get_policy_loss_fn
     ours = [str(w.message) for w in caught if str(w.message).startswith("ess-po: trl")]
     get_policy_loss_fn("ess")
-    from ess_po.integrations.tiny import build_tiny_model, build_tiny_tokenizer
+    from ess_po.testing.tiny import build_tiny_model, build_tiny_tokenizer
     from verl.models.transformers.monkey_patch import apply_monkey_patch
     model = build_tiny_model(build_tiny_tokenizer(), hidden_size=16, num_layers=1, num_heads=2)
     try:

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
-from ess_po.integrations.tiny import (
+from ess_po.testing.tiny import (
     build_task_dataset,
     build_tiny_model,
     build_tiny_tokenizer,

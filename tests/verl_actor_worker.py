@@ -513,20 +513,15 @@ def main(out_dir: Path) -> None:
 
     # 2. Known off-policy offsets, policy frozen (lr 0): every call's ESS is predictable.
     host, grads = build_worker(tmp / "model", "ess", lr=0.0)
-    batch = make_batch(tokenizer)
-    recomputed = old_log_prob(host, batch)
-    g = torch.Generator().manual_seed(1)
-    offsets = 0.5 * torch.randn(recomputed.batch["old_log_probs"].shape, generator=g)
-    offsets *= batch.batch["response_mask"]
-    recomputed.batch["old_log_probs"] = recomputed.batch["old_log_probs"] - offsets
+    batch, offsets = with_known_offsets(host, make_batch(tokenizer))
     first = len(spy.calls)
-    metrics = update(host, batch.union(recomputed))
+    metrics = update(host, batch)
     result["runs"]["ess_fixed"] = {
         "grads": grads,
         "metrics": metrics,
         "calls": spy.calls[first:],
         "offsets": offsets,
-        "old_log_probs": recomputed.batch["old_log_probs"].clone(),
+        "old_log_probs": batch.batch["old_log_probs"].clone(),
     }
 
     # 3. Rollout-correction bypass mode (v1 trainer): rollout log-probs become old_log_prob.

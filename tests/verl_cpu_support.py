@@ -199,7 +199,7 @@ def save_tiny_model(
     path: Path, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2
 ) -> Any:
     """Tiny Qwen2 + character tokenizer saved to ``path`` (verl loads models by path)."""
-    from ess_po.integrations.tiny import build_tiny_model, build_tiny_tokenizer
+    from ess_po.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(

@@ -1,6 +1,6 @@
 r"""The study's GRPO loop: task, rollout engines (fp32 / bf16 / FP8 / tempered), one training run.
 
-A minimal GRPO loop in plain PyTorch trains a tiny Qwen2 (``ess_po.integrations.tiny``,
+A minimal GRPO loop in plain PyTorch trains a tiny Qwen2 (``ess_po.testing.tiny``,
 warm-started by a short supervised phase) on a synthetic task with a verifiable reward. Each
 step samples :math:`G` completions for each of :math:`P` prompts with the rollout engine,
 scores them, normalises the rewards within each group,
@@ -67,7 +67,7 @@ class Task:
 
     def rewards(self, completions: torch.Tensor, mask: torch.Tensor, answers: Sequence[str]):
         """``tiny.copy_reward`` (fraction of target positions hit) of the decoded completions."""
-        from ess_po.integrations import tiny
+        from ess_po.testing import tiny
 
         texts = [
             "".join(
@@ -95,7 +95,7 @@ def task_rows(cfg: StudyConfig, n: int, seed: int) -> list[dict[str, str]]:
 
 
 def build_task(cfg: StudyConfig, n: int, seed: int) -> Task:
-    from ess_po.integrations import tiny
+    from ess_po.testing import tiny
 
     tok = tiny.build_tiny_tokenizer(cfg.alphabet)
     rows = task_rows(cfg, n, seed)
@@ -105,7 +105,7 @@ def build_task(cfg: StudyConfig, n: int, seed: int) -> Task:
 
 
 def build_model(cfg: StudyConfig, task: Task, seed: int) -> torch.nn.Module:
-    from ess_po.integrations import tiny
+    from ess_po.testing import tiny
 
     return tiny.build_tiny_model(
         task.tokenizer,
@@ -228,7 +228,7 @@ class Rollout:
 
 def warm_start_state(cfg: StudyConfig, seed: int) -> dict[str, torch.Tensor]:
     """Random init + a short supervised phase (``tiny.warm_start``); returns the state dict."""
-    from ess_po.integrations import tiny
+    from ess_po.testing import tiny
 
     torch.set_num_threads(1)
     task = build_task(cfg, 8, seed=10_000 + seed)

@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[2]
 #: module name -> source file whose ``__all__`` lists the public names the reference must cover
 PUBLIC_MODULES = {
     "ess_po": ROOT / "ess_po" / "__init__.py",
-    "ess_po.integrations.trl": ROOT / "integrations" / "trl.py",
-    "ess_po.integrations.verl": ROOT / "integrations" / "verl.py",
-    "ess_po.integrations.tiny": ROOT / "integrations" / "tiny.py",
-    "ess_po.integrations.parallel": ROOT / "integrations" / "parallel.py",
+    "ess_po.integrations.trl": ROOT / "ess_po" / "integrations" / "trl.py",
+    "ess_po.integrations.verl": ROOT / "ess_po" / "integrations" / "verl.py",
+    "ess_po.testing.tiny": ROOT / "ess_po" / "testing" / "tiny.py",
+    "ess_po.integrations.parallel": ROOT / "ess_po" / "integrations" / "parallel.py",
 }
 #: core functions and classes whose docstring must show shapes or an example (constants have no
 #: shapes; the integrations are looser: their docstrings document framework objects whose shapes

@@ -1,8 +1,6 @@
 """Griffe extension for the API reference (loaded by mkdocstrings, see mkdocs.yml).
 
-* Mounts the ``integrations/`` source folder as ``ess_po.integrations``, as the installed
-  package does (``pyproject.toml`` maps it with ``package-dir``), so the reference is built by
-  static analysis: the docs build imports neither TRL nor verl.
+* The reference is built by static analysis: the docs build imports neither TRL nor verl.
 * Reads Sphinx-style ``#:`` comments above module constants as their docstrings.
 * Turns the reStructuredText roles used in the docstrings into Markdown: ``.. math::`` blocks
   and ``:math:`` roles into MathJax (``pymdownx.arithmatex``), ``:func:``/``:class:``/
@@ -55,8 +53,6 @@ def _resolve(target: str, obj: griffe.Object) -> str:
             return "ess_po." + ".".join(parts[2:])
         return target
     module = obj.module.path
-    if module.split(".")[0] == "integrations":  # visited before it is mounted under ess_po
-        module = "ess_po." + module
     if module in ("ess_po.ess", "ess_po.loss", "ess_po.objective"):
         module = "ess_po"
     return f"{module}.{target}"
@@ -123,17 +119,6 @@ class ESSDocs(griffe.Extension):
 
     def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
         show_computed_values(pkg)
-        if pkg.name != "ess_po" or "integrations" in pkg.members:
-            return
-        sub = griffe.load(
-            "integrations",
-            search_paths=[str(ROOT)],
-            docstring_parser=loader.docstring_parser,
-            docstring_options=loader.docstring_options,
-            extensions=loader.extensions,
-            modules_collection=loader.modules_collection,
-        )
-        pkg.set_member("integrations", sub)
 
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
         if obj.is_attribute and obj.docstring is None:

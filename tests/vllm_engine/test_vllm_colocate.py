@@ -62,7 +62,7 @@ class CoreSpy:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Train STEPS steps with the real engine; record the core's inputs and TRL's inputs per step."""
-    from ess_po.integrations import tiny
+    from ess_po.testing import tiny
     from ess_po.integrations.trl import ESSGRPOTrainer
     from trl import GRPOConfig
 

@@ -7,6 +7,7 @@ through its plugin entry point):
 * :mod:`ess_po.integrations.trl` -- ``ESSGRPOTrainer`` (the ``trl`` extra);
 * :mod:`ess_po.integrations.verl` -- the ``ess`` / ``ess_seq`` policy losses for verl
   (the ``verl`` extra);
-* :mod:`ess_po.integrations.tiny` -- an offline tiny model, tokenizer and tasks for tests,
-  demos and benchmarks.
+* :mod:`ess_po.integrations.parallel` -- which ranks one ESS is all-reduced over.
+
+Offline fixtures for tests and demos live in :mod:`ess_po.testing`.
 """

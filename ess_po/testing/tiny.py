@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 _MISSING = [name for name in ("transformers", "tokenizers", "datasets") if find_spec(name) is None]
 if _MISSING:
     raise ImportError(
-        f"ess_po.integrations.tiny needs {', '.join(_MISSING)}, which come with the `trl` extra: "
+        f"ess_po.testing.tiny needs {', '.join(_MISSING)}, which come with the `trl` extra: "
         'pip install -e ".[trl]" in a checkout of ess-po (pip install "ess-po[trl]" once released).'
     )
 
