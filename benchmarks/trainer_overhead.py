@@ -75,10 +75,11 @@ TRAINERS = {
 def run_once(trainer_name: str, args: argparse.Namespace, workdir: Path) -> list[tuple[int, float]]:
     """Train one fresh tiny model; return (global step, wall seconds) of each optimizer step."""
     import torch
-    from ess_po.testing import tiny
-    from ess_po.integrations.trl import ESSGRPOConfig, ESSGRPOTrainer
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
+
+    from ess_po.integrations.trl import ESSGRPOConfig, ESSGRPOTrainer
+    from ess_po.testing import tiny
 
     tokenizer = tiny.build_tiny_tokenizer()
     model = tiny.build_tiny_model(tokenizer, hidden_size=args.hidden_size, seed=args.seed)

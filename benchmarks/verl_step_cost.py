@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     import transformers
     import verl
+
     from ess_po.integrations.verl import enable_step_scope
 
     torch.set_num_threads(args.threads)

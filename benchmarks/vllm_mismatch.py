@@ -136,9 +136,10 @@ def _stats(logp_trainer, logp_sampler, mask) -> dict[str, Any]:
 
 def mismatch_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from ess_po.testing import tiny
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
+
+    from ess_po.testing import tiny
 
     options = MODES[args.mode]
     t0 = time.perf_counter()
@@ -203,9 +204,10 @@ def mismatch_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def train_worker(args: argparse.Namespace) -> dict[str, Any]:
-    from ess_po.testing import tiny
-    from ess_po.integrations.trl import ESSGRPOTrainer
     from trl import GRPOConfig, GRPOTrainer
+
+    from ess_po.integrations.trl import ESSGRPOTrainer
+    from ess_po.testing import tiny
 
     cpu_workarounds.keep_linear_weights_in_place()
     tok = tiny.build_tiny_tokenizer()

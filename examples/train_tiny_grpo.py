@@ -138,10 +138,11 @@ def running_mean(values: list[float], window: int) -> list[float]:
 def train(args: argparse.Namespace, kind: str, out: Path) -> tuple[list[dict[str, Any]], float]:
     """Train one fresh model with ``kind`` ("ess" or "grpo"); return the logged rows and seconds."""
     import torch
-    from ess_po.testing.tiny import copy_reward, warm_start
-    from ess_po.integrations.trl import ESSGRPOTrainer
     from transformers import ProgressCallback
     from trl import GRPOConfig, GRPOTrainer
+
+    from ess_po.integrations.trl import ESSGRPOTrainer
+    from ess_po.testing.tiny import copy_reward, warm_start
 
     model, tokenizer, dataset = build(args)
     warm = args.warm_start_steps

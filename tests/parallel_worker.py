@@ -107,10 +107,11 @@ def _gather_cp_chunks(local: dict[str, torch.Tensor], mpu: Any) -> dict[str, tor
 
 
 def run_megatron(name: str, rank: int) -> dict[str, Any]:
-    from ess_po.integrations import verl as shim
-    from ess_po.integrations.parallel import ess_process_group
     from megatron.core import parallel_state as mpu
     from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from ess_po.integrations import verl as shim
+    from ess_po.integrations.parallel import ess_process_group
 
     sizes = MEGATRON_LAYOUTS[name]
     mpu.initialize_model_parallel(
@@ -153,13 +154,14 @@ def run_megatron(name: str, rank: int) -> dict[str, Any]:
 
 def run_ulysses(rank: int) -> dict[str, Any]:
     """verl's FSDP + Ulysses layout: mesh (dp=2, sp=2), packed tokens sliced then all-gathered."""
-    from ess_po.integrations.parallel import ess_process_group
     from torch.distributed.device_mesh import init_device_mesh
     from verl.utils.ulysses import (
         gather_outputs_and_unpad,
         set_ulysses_sequence_parallel_group,
         ulysses_pad_and_slice_inputs,
     )
+
+    from ess_po.integrations.parallel import ess_process_group
 
     sp = 2
     # as verl's FSDPEngine._init_device_mesh builds it, with "cpu" for the device name
@@ -195,9 +197,10 @@ def main() -> None:
     start = time.perf_counter()
     torch.set_num_threads(1)
     # Import the frameworks before the rendezvous so that no rank waits on another's imports.
-    import ess_po.integrations.verl  # noqa: F401  (imports verl)
     import megatron.core.parallel_state  # noqa: F401
     import torch.distributed as dist
+
+    import ess_po.integrations.verl  # noqa: F401  (imports verl)
 
     store = dist.TCPStore(
         "127.0.0.1", port, is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S)

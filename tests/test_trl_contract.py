@@ -10,9 +10,10 @@ import pytest
 
 trl = pytest.importorskip("trl")
 
-from ess_po.integrations.trl import MODEL_INPUT_KEYS, ESSGRPOTrainer  # noqa: E402
 from packaging.version import Version  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from ess_po.integrations.trl import MODEL_INPUT_KEYS, ESSGRPOTrainer  # noqa: E402
 
 
 def _params(fn) -> list[str]:
@@ -176,13 +177,14 @@ def test_init_signature_is_grpo_trainers():
 
 def test_positional_arguments_as_grpo_trainer(tmp_path):
     """model, reward_funcs, args, train_dataset, eval_dataset, processing_class by position."""
+    from trl_helpers import BASE_CONFIG
+
     from ess_po.testing.tiny import (
         build_task_dataset,
         build_tiny_model,
         build_tiny_tokenizer,
         copy_reward,
     )
-    from trl_helpers import BASE_CONFIG
 
     tok = build_tiny_tokenizer()
     args = GRPOConfig(output_dir=str(tmp_path), **BASE_CONFIG)
@@ -239,8 +241,9 @@ def test_ess_config_extends_grpo_config(tmp_path):
 
 def test_plain_grpo_config_gets_the_step_window_check(tmp_path):
     """A plain GRPOConfig gives ESSGRPOConfig's defaults, the step window's check included."""
-    from ess_po.testing.tiny import build_tiny_model, build_tiny_tokenizer, copy_reward
     from trl_helpers import BASE_CONFIG
+
+    from ess_po.testing.tiny import build_tiny_model, build_tiny_tokenizer, copy_reward
 
     config = {**BASE_CONFIG, "gradient_accumulation_steps": 2, "steps_per_generation": 1}
     args = GRPOConfig(output_dir=str(tmp_path), **config)

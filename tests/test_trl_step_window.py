@@ -18,9 +18,10 @@ import torch
 
 pytest.importorskip("trl")
 
-import ess_po.integrations.trl as trl_adapter
 from transformers import TrainerCallback
 from trl_helpers import flat_grad, make_trainer, make_vllm_trainer, run_two_processes
+
+import ess_po.integrations.trl as trl_adapter
 
 SEQUENCES_PER_STEP = 16
 

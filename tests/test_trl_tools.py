@@ -28,9 +28,10 @@ if Version(transformers.__version__) < Version("5.13.0.dev0"):
     # TRL parses tool calls with transformers' legacy response schema, which needs jmespath
     pytest.importorskip("jmespath", reason="TRL tool calling on transformers < 5.13 needs jmespath")
 
-from ess_po.integrations.trl import ESSGRPOConfig, ESSGRPOTrainer
 from trl import GRPOTrainer
 from trl_helpers import BASE_CONFIG, first_inputs, flat_grad, logged
+
+from ess_po.integrations.trl import ESSGRPOConfig, ESSGRPOTrainer
 
 CALL = '{"name": "peek", "arguments": {}}'
 

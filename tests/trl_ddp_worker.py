@@ -19,9 +19,10 @@ HERE = Path(__file__).resolve().parent
 # installed package (tests/vllm/) would then shadow it inside TRL's imports. Import TRL first.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
-import ess_po.integrations.trl as trl_adapter  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+import ess_po.integrations.trl as trl_adapter  # noqa: E402
 
 sys.path.append(str(HERE))
 from trl_helpers import logged, make_trainer  # noqa: E402

@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
+
 from ess_po.testing.tiny import (
     build_task_dataset,
     build_tiny_model,
@@ -60,8 +61,9 @@ def make_trainer(
 
     ``config`` goes to ``ESSGRPOConfig`` (``GRPOConfig`` for another ``trainer_cls``).
     """
-    from ess_po.integrations.trl import ESSGRPOConfig, ESSGRPOTrainer
     from trl import GRPOConfig
+
+    from ess_po.integrations.trl import ESSGRPOConfig, ESSGRPOTrainer
 
     torch.manual_seed(0)
     tok = build_tiny_tokenizer()

@@ -31,8 +31,9 @@ import cpu_workarounds
 
 cpu_workarounds.cpu_engine_env()
 
-import ess_po.integrations.trl as trl_adapter  # noqa: E402
 import torch  # noqa: E402
+
+import ess_po.integrations.trl as trl_adapter  # noqa: E402
 
 STEPS = 4
 FIRST_PASS_STEPS = (1, 3)  # steps that generate (sampler and trainer share the weights)
@@ -62,9 +63,10 @@ class CoreSpy:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Train STEPS steps with the real engine; record the core's inputs and TRL's inputs per step."""
-    from ess_po.testing import tiny
-    from ess_po.integrations.trl import ESSGRPOTrainer
     from trl import GRPOConfig
+
+    from ess_po.integrations.trl import ESSGRPOTrainer
+    from ess_po.testing import tiny
 
     cpu_workarounds.keep_linear_weights_in_place()
     model_dir = tmp_path_factory.mktemp("tiny_qwen2")
