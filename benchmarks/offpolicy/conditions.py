@@ -12,7 +12,8 @@ A condition combines four knobs, each a source of off-policyness a real RL syste
   ``report_untempered`` (an engine that reports :math:`\log\operatorname{softmax}(z)` while
   sampling at :math:`\tau`: the ratios then look on-policy although the samples are not);
 * staleness ``k`` (asynchronous rollouts: train on the batch sampled ``k`` updates ago);
-* ``epochs``: optimizer updates per batch (``num_iterations``).
+* ``epochs``: optimizer updates per batch (``num_iterations``);
+* ``lr``: the learning rate (``None``: the study's).
 
 The trainer is always float32 at temperature 1, and every method gets the engine's numbers as
 :math:`\log\mu` (= old log-probs).
@@ -37,6 +38,7 @@ class Condition:
     report_untempered: bool = False
     sweep: str = ""  # name of the harshness sweep this condition belongs to ("" = none)
     level: float = 0.0  # the sweep's knob value, for plotting
+    lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -107,3 +109,37 @@ PHASE2_CONDITIONS: dict[str, Condition] = {
     "stale-32-ep2": STALENESS_SWEEP["stale-32-ep2"],
 }
 """Where the micro-batch / ESS-scope comparison runs (issue 15's evidence)."""
+
+
+MAP_LRS = (5e-4, 1.5e-3, 5e-3)
+MAP_STALENESS = (0, 4, 16, 64)
+
+
+def _map(lr: float, k: int, epochs: int) -> Condition:
+    return Condition(f"lr{lr:g}-k{k}-ep{epochs}", staleness=k, epochs=epochs, lr=lr, level=k)
+
+
+MAP_CONDITIONS: dict[str, Condition] = {
+    c.name: c for c in (_map(lr, k, e) for lr in MAP_LRS for e in (1, 2) for k in MAP_STALENESS)
+}
+"""The learning-rate x staleness map: lr in :data:`MAP_LRS`, k in :data:`MAP_STALENESS`, 1 or 2
+epochs per batch."""
+
+MAP_SUBSETS: dict[str, tuple[str, ...]] = {
+    name: ("ess", "clip-0.2")
+    for name, c in MAP_CONDITIONS.items()
+    if c.staleness == 0 and c.epochs == 1
+}
+"""On-policy cells (k = 0, one update per batch): every method has REINFORCE's gradient."""
+
+CONFIRM_CONDITIONS: dict[str, Condition] = {
+    c.name: c
+    for c in (
+        _map(5e-4, 0, 1),
+        _map(5e-4, 16, 2),
+        _map(5e-4, 64, 2),
+        _map(5e-3, 16, 1),
+        _map(5e-3, 64, 2),
+    )
+}
+"""The confirmation task's cells (fixed before the runs)."""

@@ -65,14 +65,21 @@ class Method:
     scope: str = "call"
     in_grid: bool = False
     cap: bool = True
+    vcpo: bool = False  # VCPO's rule: the update's learning rate times sqrt(ESS of pi/mu)
 
     @property
     def is_ess(self) -> bool:
-        return self.kind in ("ess", "ess-ref")
+        return self.kind in ("ess", "ess-ref", *PROXIMAL_KINDS)
 
     @property
     def needs_trainer_old(self) -> bool:
-        return self.kind in ("tis", "mis")
+        """Needs the trainer's recompute before the batch's first update (TIS/MIS's old
+        log-probs; the proximal policy of the proximal losses)."""
+        return self.kind in ("tis", "mis", "decoupled-clip", *PROXIMAL_KINDS)
+
+
+PROXIMAL_KINDS = ("p4o", "prox", "dec")
+"""Kinds of :mod:`offpolicy.proximal`'s candidate losses."""
 
 
 def k3(d: torch.Tensor, *, tail: str = "linear", threshold: float = 50.0) -> torch.Tensor:
@@ -160,6 +167,15 @@ def policy_loss(
             cap=method.cap,
         )
         return loss, {"call_ess": float(e)}
+    if method.kind in PROXIMAL_KINDS or method.kind == "decoupled-clip":
+        from offpolicy import proximal
+
+        if trainer_old is None or normalizer is not None:
+            raise ValueError(f"{method.name} needs the proximal log-probs and one call per update")
+        if method.kind == "decoupled-clip":
+            loss = proximal.decoupled_clip(logp, behaviour, trainer_old, advantages, mask)
+            return loss, {}
+        return proximal.proximal_loss(method.kind, logp, behaviour, trainer_old, advantages, mask)
     if normalizer is not None:
         raise ValueError(f"micro-batching is only implemented for ESS methods, not {method.name}")
     if method.kind == "clipped":
@@ -248,3 +264,30 @@ PHASE2_METHODS: dict[str, Method] = {
 """Issue 15's comparison, with the library's loss (``ess_po.ess_policy_loss``): one call per
 update (whole step), 8 calls of 8 sequences and 64 calls of 1, each with per-call ESS or the
 step's statistics (``ess_po.step_stats``, passed as ``stats=`` to every call)."""
+
+
+MAP_METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("ess", "ess"),
+        Method("ess-p4o", "p4o"),
+        Method("ess-prox", "prox"),
+        Method("ess-dec", "dec"),
+        Method("ess-prox-vcpo", "prox", vcpo=True),
+        Method("ess-vcpo", "ess", vcpo=True),
+        Method("clip-0.2", "clipped", 0.2, 0.2, in_grid=True),
+        Method("clip-0.4", "clipped", 0.4, 0.4, in_grid=True),
+        Method("clip-vcpo", "clipped", 0.2, 0.2, vcpo=True),
+        Method("decoupled-clip", "decoupled-clip", 0.2, 0.2),
+        Method("tis", "tis", 0.2, 0.2),
+    )
+}
+"""The stale-rollout study's methods (docs/results/offpolicy/map/SELECTION_RULE.md): the
+candidates with a proximal policy (``ess-p4o``, ``ess-prox``, ``ess-dec``, ``ess-prox-vcpo``),
+the paper's objective and the baselines."""
+
+CANDIDATES = ("ess-p4o", "ess-prox", "ess-dec", "ess-prox-vcpo")
+"""The candidates the selection rule decides between."""
+
+CONFIRM_METHODS = ("ess", *CANDIDATES, "clip-0.2", "clip-0.4")
+"""Methods of the confirmation task (fixed before the runs)."""

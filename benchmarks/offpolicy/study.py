@@ -40,6 +40,9 @@ import torch
 from offpolicy import report
 from offpolicy.conditions import (
     CONDITIONS,
+    CONFIRM_CONDITIONS,
+    MAP_CONDITIONS,
+    MAP_SUBSETS,
     PHASE2_CONDITIONS,
     QUICK_CONDITIONS,
     STALENESS_SWEEP,
@@ -48,7 +51,9 @@ from offpolicy.conditions import (
 )
 from offpolicy.methods import (
     ABLATION_METHODS,
+    CONFIRM_METHODS,
     CORRECTION_CAP,
+    MAP_METHODS,
     METHODS,
     PHASE2_METHODS,
     QUICK_METHODS,
@@ -57,9 +62,11 @@ from offpolicy.methods import (
 from offpolicy.train import StudyConfig, run_cell, warm_start_state
 
 
-def _warm_job(args: tuple[StudyConfig, int]) -> tuple[int, dict[str, torch.Tensor]]:
+def _warm_job(
+    args: tuple[StudyConfig, int],
+) -> tuple[tuple[StudyConfig, int], dict[str, torch.Tensor]]:
     cfg, seed = args
-    return seed, warm_start_state(cfg, seed)
+    return (cfg, seed), warm_start_state(cfg, seed)
 
 
 def _cell_job(args: tuple) -> dict[str, Any]:
@@ -114,8 +121,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--parts",
         nargs="*",
-        default=["main", "staleness", "ablation", "microbatch"],
-        help="main, staleness, ablation, microbatch (default: all)",
+        default=["map", "confirm"],
+        help="map, confirm (default: the stale-rollout study, both tasks); main, staleness, "
+        "ablation, microbatch (the earlier harsh-regime study)",
     )
     p.add_argument("--conditions", nargs="*", default=None, help=f"subset of {list(CONDITIONS)}")
     p.add_argument("--methods", nargs="*", default=None, help=f"subset of {list(METHODS)}")
@@ -147,7 +155,23 @@ _READING = (
     "other conditions."
 )
 
+_MAP_NOTE = (
+    "Stale-rollout study: the candidates with a proximal policy, the paper's objective and the "
+    "baselines, over learning rate x staleness k x epochs per batch. The selection rule was "
+    "committed before the runs (SELECTION_RULE.md beside this file). In these tables `ess` is "
+    "the paper's objective and the ESS rows compare every method with it; the selection is "
+    "against tuned clipping."
+)
+
 NOTES = {
+    "map": [_MAP_NOTE, ""],
+    "confirm": [
+        _MAP_NOTE,
+        "",
+        "Confirmation task: sort 6 characters over `abcdefgh`, a larger model (hidden 96, 3 "
+        "layers); cells and methods fixed before the runs.",
+        "",
+    ],
     "main": [
         _READING,
         "",
@@ -197,6 +221,8 @@ def _write(result: dict[str, Any], out: Path, part: str) -> None:
 def replot(out: Path) -> None:
     """Re-summarise every ``results.json`` under ``out`` and rewrite tables and plots."""
     for path in [
+        out / "map" / "results.json",
+        out / "confirm" / "results.json",
         out / "results.json",
         out / "microbatch" / "results.json",
         out / "ablation" / "results.json",
@@ -217,15 +243,24 @@ ABLATION_CONDITIONS = ("temp-2.0", "fp8-stale-4-ep2", "stale-32-ep2")
 """Where the ablation runs: the conditions with the largest log-ratios."""
 
 
+MAP_CONFIG = StudyConfig(steps=200)
+"""Task 1 of the stale-rollout study: the harsh-regime study's task, 200 steps."""
+CONFIRM_CONFIG = StudyConfig(
+    task="sort", alphabet="abcdefgh", prompt_len=6, hidden_size=48, num_layers=2, steps=200
+)
+"""Task 2 (confirmation): another task, reward target and model size, fixed before the runs."""
+
+
 @dataclasses.dataclass
 class Part:
-    """One part of the study: its cells and where its results go."""
+    """One part of the study: its cells, its task (``None``: the study's) and its output."""
 
     name: str
     conditions: dict[str, Condition]
     methods: list[Method]
     subsets: dict[str, Sequence[str]]
     out: Path
+    cfg: StudyConfig | None = None
 
 
 def parts_to_run(args: argparse.Namespace, out: Path) -> list[Part]:
@@ -250,7 +285,23 @@ def parts_to_run(args: argparse.Namespace, out: Path) -> list[Part]:
     if args.methods:
         main_methods = [(METHODS | ABLATION_METHODS)[m] for m in args.methods]
     ablation = [METHODS["ess"], *ABLATION_METHODS.values()]
+    map_conditions, map_methods = MAP_CONDITIONS, list(MAP_METHODS.values())
+    confirm_conditions = CONFIRM_CONDITIONS
+    confirm_methods = [MAP_METHODS[m] for m in CONFIRM_METHODS]
+    if args.quick:
+        map_conditions = {k: MAP_CONDITIONS[k] for k in ("lr0.0005-k0-ep1", "lr0.005-k16-ep2")}
+        confirm_conditions = {k: CONFIRM_CONDITIONS[k] for k in ("lr0.005-k16-ep1",)}
+        confirm_methods = confirm_methods[:3]
     table = {
+        "map": Part("map", map_conditions, map_methods, MAP_SUBSETS, out / "map", MAP_CONFIG),
+        "confirm": Part(
+            "confirm",
+            confirm_conditions,
+            confirm_methods,
+            MAP_SUBSETS,
+            out / "confirm",
+            CONFIRM_CONFIG,
+        ),
         "main": Part("main", main_conditions, main_methods, subsets, out),
         "staleness": Part("staleness", stale_conditions, stale_methods, {}, out / "staleness"),
         "ablation": Part(
@@ -286,18 +337,21 @@ def run_parts(
     t0 = time.perf_counter()
     # A cell shared by several parts (e.g. ESS at stale-32-ep2 in the staleness sweep and the
     # ablation) runs once and is reported in each.
-    unique: dict[tuple[str, str, int], tuple[Condition, Method, int]] = {}
-    owners: dict[tuple[str, str, int], list[Part]] = {}
+    unique: dict[tuple, tuple[StudyConfig, Condition, Method, int]] = {}
+    owners: dict[tuple, list[Part]] = {}
     for part in parts:
+        pcfg = part.cfg or cfg
         for c, m, s in plan(part.conditions, part.methods, seeds, part.subsets):
-            unique.setdefault((c.name, m.name, s), (c, m, s))
-            owners.setdefault((c.name, m.name, s), []).append(part)
+            key = (pcfg.task, c.name, m.name, s)
+            unique.setdefault(key, (pcfg, c, m, s))
+            owners.setdefault(key, []).append(part)
     cells = sorted(
-        unique.values(), key=lambda x: (x[2], -(x[0].cost + 0.5 * (x[1].micro_batch == 1)))
+        unique.values(),
+        key=lambda x: (x[3], -(x[1].cost * x[0].hidden_size / 64 + 0.5 * (x[2].micro_batch == 1))),
     )
     names = ", ".join(f"{p.name} ({sum(p in o for o in owners.values())})" for p in parts)
-    print(f"{len(cells)} runs: {names}; {len(seeds)} seeds, {cfg.steps} steps", flush=True)
-    jobs = [(cfg, c, m, s, states[s]) for c, m, s in cells]
+    print(f"{len(cells)} runs: {names}; {len(seeds)} seeds", flush=True)
+    jobs = [(pcfg, c, m, s, states[(pcfg, s)]) for pcfg, c, m, s in cells]
     runs: dict[str, list[dict[str, Any]]] = {p.name: [] for p in parts}
     for finished, run in enumerate(pool.imap_unordered(_cell_job, jobs), 1):
         mine = owners[_key(run)]
@@ -323,8 +377,8 @@ def run_parts(
     return results
 
 
-def _key(run: dict[str, Any]) -> tuple[str, str, int]:
-    return run["condition"], run["method"], run["seed"]
+def _key(run: dict[str, Any]) -> tuple[str, str, str, int]:
+    return run["task"], run["condition"], run["method"], run["seed"]
 
 
 def _finish(
@@ -342,7 +396,7 @@ def _finish(
     result = {
         "part": part.name,
         "environment": dict(env),
-        "config": dataclasses.asdict(cfg),
+        "config": dataclasses.asdict(part.cfg or cfg),
         "conditions": {k: dataclasses.asdict(v) for k, v in part.conditions.items()},
         "methods": {m.name: dataclasses.asdict(m) for m in part.methods},
         "correction_cap": CORRECTION_CAP,
@@ -355,6 +409,9 @@ def _finish(
     return result
 
 
+_QUICK = {"steps": 10, "eval_every": 5, "eval_prompts": 32, "warm_steps": 8, "prompts_per_step": 4}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -365,15 +422,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     torch.set_num_threads(1)
     cfg = StudyConfig()
     if args.quick:
-        cfg = dataclasses.replace(
-            cfg, steps=10, eval_every=5, eval_prompts=32, warm_steps=8, prompts_per_step=4
-        )
+        cfg = dataclasses.replace(cfg, **_QUICK)
         args.seeds = min(args.seeds, 2)
     if args.steps is not None:
         cfg = dataclasses.replace(cfg, steps=args.steps)
     parts = parts_to_run(args, out)
+    if args.quick:
+        parts = [
+            dataclasses.replace(p, cfg=dataclasses.replace(p.cfg, **_QUICK)) if p.cfg else p
+            for p in parts
+        ]
+    elif args.steps is not None:
+        parts = [
+            dataclasses.replace(p, cfg=dataclasses.replace(p.cfg, steps=args.steps)) if p.cfg else p
+            for p in parts
+        ]
     seeds = list(range(args.seeds))
+    cfgs = list(dict.fromkeys(p.cfg or cfg for p in parts))
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers) as pool:
-        states = dict(pool.map(_warm_job, [(cfg, s) for s in seeds]))
+        states = dict(pool.map(_warm_job, [(c, s) for c in cfgs for s in seeds]))
         return run_parts(parts, cfg, seeds, args, argv, pool, states)

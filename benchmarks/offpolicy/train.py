@@ -11,6 +11,7 @@ token-mean policy loss of the trainer's float32 log-probabilities (temperature 1
 from __future__ import annotations
 
 import copy
+import math
 import random
 import statistics
 import time
@@ -24,7 +25,7 @@ import torch
 from offpolicy.conditions import Condition
 from offpolicy.methods import Method, policy_loss, ratio_diagnostics
 
-TASKS = ("reverse", "copy")
+TASKS = ("reverse", "copy", "sort")
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ def task_rows(cfg: StudyConfig, n: int, seed: int) -> list[dict[str, str]]:
     """``n`` prompts ``"<s>="`` (``s``: ``cfg.prompt_len`` random characters) and their targets.
 
     ``reverse``: the target is ``s`` reversed (harder than ``copy``, so reward keeps rising over
-    the run instead of plateauing early); ``copy``: ``s`` itself.
+    the run instead of plateauing early); ``copy``: ``s`` itself; ``sort``: the characters of
+    ``s`` in sorted order.
     """
     if cfg.task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {cfg.task!r}")
@@ -90,7 +92,8 @@ def task_rows(cfg: StudyConfig, n: int, seed: int) -> list[dict[str, str]]:
     rows = []
     for _ in range(n):
         s = "".join(rng.choice(cfg.alphabet) for _ in range(cfg.prompt_len))
-        rows.append({"prompt": s + "=", "answer": s[::-1] if cfg.task == "reverse" else s})
+        target = {"reverse": s[::-1], "copy": s, "sort": "".join(sorted(s))}[cfg.task]
+        rows.append({"prompt": s + "=", "answer": target})
     return rows
 
 
@@ -330,7 +333,8 @@ def run_cell(
     model.load_state_dict(init_state)
     model.eval()  # no dropout anywhere; the same graph samples and trains
     engine = RolloutEngine(model, condition)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    lr = cfg.lr if condition.lr is None else condition.lr
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(1_000 + seed)
     cursor = 0
 
@@ -385,6 +389,9 @@ def run_cell(
             if not torch.isfinite(norm):
                 skipped += 1
                 continue
+            if method.vcpo:  # VCPO: step size times sqrt(ESS of the update's ratios pi/mu)
+                for group in opt.param_groups:
+                    group["lr"] = lr * math.sqrt(diag["ess"])
             opt.step()
         curves["batch_reward"].append(float(batch.rewards.mean()))
         curves["ess"].append(statistics.fmean(d["ess"] for d in diags))
@@ -392,15 +399,16 @@ def run_cell(
         curves["kl"].append(statistics.fmean(d["kl"] for d in diags))
         curves["log_ratio_min"].append(min(d["log_ratio_min"] for d in diags))
         curves["frac_below_10"].append(statistics.fmean(d["frac_below_10"] for d in diags))
-        for key in ("capped_frac", "call_ess_min"):
+        for key in ("capped_frac", "call_ess_min", "ess_prox"):
             if key in diags[0]:
-                agg = statistics.fmean if key == "capped_frac" else min
+                agg = min if key == "call_ess_min" else statistics.fmean
                 extra_curves.setdefault(key, []).append(agg(d[key] for d in diags))
         if step % cfg.eval_every == 0 or step == cfg.steps:
             eval_steps.append(step)
             eval_reward.append(evaluate(model, eval_task, cfg))
     curves |= extra_curves
     return {
+        "task": cfg.task,
         "condition": condition.name,
         "method": method.name,
         "seed": seed,
