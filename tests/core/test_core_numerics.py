@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import naive_ess_loss, reinforce_loss
 
 import ess_po
 from ess_po import effective_sample_size, ess_policy_loss, ess_stats, ess_token_loss
+from ess_po.testing.batches import make_batch
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"]
 SCOPES = ["batch", "sequence"]

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from conftest import make_batch
 from reference import naive_ess_loss, reinforce_loss
 
 from ess_po import ess_policy_loss, ess_stats
+from ess_po.testing.batches import make_batch
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"]
 SCOPES = ["batch", "sequence"]

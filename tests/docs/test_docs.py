@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import os
 import re
@@ -21,12 +22,47 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
-sys.path.insert(0, str(DOCS / "hooks"))
+
+
+def docs_module(name: str) -> ModuleType:
+    """``docs/hooks/NAME.py`` or ``docs/scripts/NAME.py``, loaded by path under its own name.
+
+    The sibling modules it imports (``mkdocs_hooks`` imports ``api_check``) are loaded first and
+    registered in ``sys.modules``, as MkDocs does for its hooks; nothing is added to ``sys.path``.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    path = next(
+        p for p in (DOCS / "hooks" / f"{name}.py", DOCS / "scripts" / f"{name}.py") if p.is_file()
+    )
+    siblings = {p.stem for p in path.parent.glob("*.py")} - {name}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            imported = [node.module]
+        else:
+            continue
+        for sibling in set(imported) & siblings:
+            with contextlib.suppress(ModuleNotFoundError):  # a lazy import's own dependency
+                docs_module(sibling)
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
 
 # ```python fences, possibly indented (content tabs); group 1 = indent, 2 = body
 _FENCE = re.compile(r"^([ \t]*)```python[^\n]*\n(.*?)^\1```[ \t]*$", re.MULTILINE | re.DOTALL)
@@ -102,14 +138,14 @@ def test_block_extraction() -> None:
 
 def test_public_api_is_documented_on_the_site() -> None:
     pytest.importorskip("griffe")
-    import api_check
+    api_check = docs_module("api_check")
 
     assert api_check.problems() == []
 
 
 def test_results_include_tolerates_missing_folders(tmp_path: Path) -> None:
     pytest.importorskip("mkdocs")  # the hooks import MkDocs (docs extra)
-    import mkdocs_hooks
+    mkdocs_hooks = docs_module("mkdocs_hooks")
 
     (tmp_path / "results" / "a").mkdir(parents=True)
     (tmp_path / "results" / "a" / "table.md").write_text(
@@ -131,7 +167,7 @@ def test_results_show_figures_the_text_only_names(tmp_path: Path) -> None:
     text's description as caption; the setup moves below the headline; repeated titles get
     the file's qualifier (the off-policy page showed no plot; two identical headings)."""
     pytest.importorskip("mkdocs")  # the hooks import MkDocs (docs extra)
-    import mkdocs_hooks
+    mkdocs_hooks = docs_module("mkdocs_hooks")
 
     folder = tmp_path / "results" / "study"
     folder.mkdir(parents=True)
@@ -163,7 +199,7 @@ def _table_lines(text: str) -> list[list[str]]:
 
 def test_wide_tables_are_reshaped() -> None:
     pytest.importorskip("mkdocs")  # the hooks import MkDocs (docs extra)
-    import mkdocs_hooks
+    mkdocs_hooks = docs_module("mkdocs_hooks")
 
     header = ["condition", *[f"m{i}" for i in range(10)]]
     rows = [[f"c{r}", *[f"0.{r}{i} ± 0.01" for i in range(10)]] for r in range(3)]
@@ -210,7 +246,7 @@ def _fake_mathjax(root: Path) -> Path:
 
 
 def test_mathjax_files_for_the_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mathjax_assets
+    mathjax_assets = docs_module("mathjax_assets")
 
     root = _fake_mathjax(tmp_path / "mathjax")
     monkeypatch.setenv("ESS_PO_MATHJAX_DIR", str(root))
@@ -231,7 +267,7 @@ def test_mathjax_files_for_the_site(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_mathjax_tarball_integrity_is_checked(tmp_path: Path) -> None:
-    import mathjax_assets
+    mathjax_assets = docs_module("mathjax_assets")
 
     tarball = tmp_path / "mathjax-3.2.2.tgz"
     tarball.write_bytes(b"not the package")
@@ -273,7 +309,7 @@ def test_examples_render_as_code_and_constants_by_value() -> None:
     """The docstrings' ``Example:`` becomes griffe's Examples section (code, not quotes); a
     constant computed from others shows its value."""
     pytest.importorskip("griffe")
-    import api_check
+    api_check = docs_module("api_check")
 
     package = api_check.load_package()
     for name in ("ess_policy_loss", "effective_sample_size", "ess_stats"):
@@ -292,8 +328,7 @@ def test_browser_check_catches_what_a_reader_would_meet(
 ) -> None:
     """docs/scripts/browser_check.py on a two-page site: the clean page passes, the other
     fails on each of the four things it checks (each line below is one check)."""
-    sys.path.insert(0, str(DOCS / "scripts"))
-    import browser_check
+    browser_check = docs_module("browser_check")
 
     site = tmp_path / "site"
     (site / "bad").mkdir(parents=True)
@@ -327,7 +362,7 @@ def test_browser_check_catches_what_a_reader_would_meet(
     reason='MkDocs Material / mkdocstrings not installed (pip install -e ".[docs]")',
 )
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
-    import mathjax_assets
+    mathjax_assets = docs_module("mathjax_assets")
 
     if not (
         os.environ.get("ESS_PO_MATHJAX_DIR")

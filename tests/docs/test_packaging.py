@@ -35,7 +35,7 @@ def test_public_api_is_documented() -> None:
             assert obj.__doc__ and obj.__doc__.strip(), name
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_tiny_without_the_trl_extra_names_the_extra() -> None:
