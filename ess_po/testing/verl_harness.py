@@ -1,55 +1,51 @@
-"""Test-only workarounds that let verl 0.9.1's FSDP2 actor run in one CPU process (gloo).
+"""verl 0.9.1's own FSDP2 actor in one CPU process (gloo), for tests and benchmarks.
 
-Nothing here is used by ess-po itself; the adapter (``ess_po.integrations.verl``) runs unchanged.
-Each workaround addresses one thing verl 0.9.1 assumes about a GPU cluster:
+The plugin (:mod:`ess_po.integrations.verl`) runs unchanged; this module works around what
+verl assumes about a GPU cluster and drives its trainer -> worker -> engine -> ``ppo_loss``
+chain on a tiny Qwen2. The workarounds:
 
-1. **Platform.** verl's platform layer knows nvidia / npu / rocm and falls back to ``nvidia``
-   without an accelerator (``AssertionError: Torch not compiled with CUDA enabled`` on the first
-   device call). :class:`PlatformCPU` implements verl's ``PlatformBase`` for ``device_name ==
-   "cpu"`` with the gloo backend and is installed with ``verl.plugin.platform.set_platform``.
+1. **Platform.** verl knows nvidia / npu / rocm and falls back to ``nvidia`` without an
+   accelerator; a ``PlatformCPU`` (gloo backend) is installed with ``set_platform``.
 2. **Engine registry.** The FSDP engines are registered for ``cuda`` / ``npu`` only;
-   ``VERL_ENGINE_DEVICE=cuda`` (verl's own override) selects the FSDP class, which then places
-   tensors with ``get_device_name()``, i.e. on the CPU.
-3. **FSDP version.** FSDP1 refuses CPU parameters with ``sync_module_states=True``; the tests use
-   ``actor.strategy=fsdp2``.
-4. **Attention.** verl defaults to ``flash_attention_2``; the tests set
-   ``model.override_config.attn_implementation=eager``.
-5. **TRL in the same environment.** verl's FSDP engine calls ``apply_monkey_patch``, which imports
-   ``AutoModelForCausalLMWithValueHead`` from ``trl`` whenever ``trl`` is installed; TRL 1.16 no
-   longer has that class, so the actor cannot start (see ``tests/test_verl_trl_guard.py``).
-   :func:`hide_trl` makes ``trl`` invisible in the test subprocess, exactly as if it were not
-   installed (verl checks ``importlib.util.find_spec("trl")``, which returns None for a
-   ``sys.modules`` entry set to None).
-6. **Imports.** On this path verl imports uvicorn, fastapi, torchdata and cachetools; they are in
-   the ``test`` extra.
-7. **Compile.** ``use_torch_compile=False`` (inductor on CPU is slow and not what is tested).
+   ``VERL_ENGINE_DEVICE=cuda`` selects the FSDP class, which places tensors on the CPU.
+3. **FSDP version.** FSDP1 refuses CPU parameters with ``sync_module_states``: ``fsdp2``.
+4. **Attention.** ``attn_implementation=eager`` instead of ``flash_attention_2``.
+5. **TRL.** verl's FSDP engine imports ``AutoModelForCausalLMWithValueHead`` from ``trl``
+   whenever ``trl`` is importable, and TRL 1.16 lacks it: :func:`hide_trl`.
+6. **Imports.** verl imports uvicorn, fastapi, torchdata and cachetools on this path (the
+   ``test`` extra).
+7. **Compile.** ``use_torch_compile=False``.
 
-The module must be imported (and :func:`setup` called) before verl's platform is first used.
+Call :func:`setup` before verl's platform is first used. Needs the ``verl`` extra.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import types
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 
-VERL_CONFIG_DIR = None  # resolved lazily (importing verl is slow)
+#: The rollout batch of :func:`rollout_batch`: prompts x responses per prompt, padded lengths.
+N_PROMPTS, ROLLOUT_N, PROMPT_LEN, RESPONSE_LEN = 4, 4, 4, 6
+#: Prompts per mini-batch (x ``ROLLOUT_N`` = 8 sequences per optimizer step), sequences per call.
+MINI_BATCH_PROMPTS, MICRO_BATCH = 2, 2
 
 
 def hide_trl() -> None:
-    """Make ``trl`` look uninstalled in this process (workaround 5). Call before verl builds a model."""
+    """Make ``trl`` look uninstalled in this process (``find_spec`` returns None for a
+    ``sys.modules`` entry set to None). Call before trl is imported."""
     loaded = [name for name in sys.modules if name == "trl" or name.startswith("trl.")]
     if any(sys.modules[name] is not None for name in loaded):
         raise RuntimeError("hide_trl() must run before trl is imported")
     sys.modules["trl"] = None  # type: ignore[assignment]
 
 
-class _CPUDeviceModule(ModuleType):
+class _CPUDeviceModule(types.ModuleType):
     """``torch.cpu`` plus the ``torch.cuda`` memory queries verl logs (all 0 on the CPU)."""
 
     def __init__(self) -> None:
@@ -58,7 +54,7 @@ class _CPUDeviceModule(ModuleType):
     def __getattr__(self, name: str) -> Any:
         if hasattr(torch.cpu, name):
             return getattr(torch.cpu, name)
-        if name.startswith(("memory_", "max_memory_", "reset_")) or name in ("empty_cache",):
+        if name.startswith(("memory_", "max_memory_", "reset_")) or name == "empty_cache":
             return lambda *args, **kwargs: 0
         if name == "get_device_name":
             return lambda *args, **kwargs: "CPU"
@@ -74,81 +70,36 @@ def _platform_cpu_class() -> type:
     if existing is not None:
         return existing
 
+    def constant(value: Any) -> Any:
+        return lambda self, *args, **kwargs: value
+
     @PlatformRegistry.register(platform="cpu")
     class PlatformCPU(PlatformBase):
         """verl platform for a CPU-only process (gloo, no profiler, no IPC)."""
 
-        @property
-        def device_name(self) -> str:
-            return "cpu"
-
-        @property
-        def vendor_name(self) -> str:
-            return "cpu"
-
-        @property
-        def device_module(self) -> ModuleType:
-            return _CPUDeviceModule()
-
-        def is_available(self) -> bool:
-            return True
-
-        def current_device(self) -> Any:
-            # verl passes this straight to ``.to(...)`` / ``torch.device(...)``; an int would
-            # mean an accelerator index.
-            return "cpu"
-
-        def device_count(self) -> int:
-            return 1
-
-        def set_device(self, device_index: int) -> None:
-            return None
-
-        def synchronize(self, device_index: int | None = None) -> None:
-            return None
+        device_name = property(constant("cpu"))
+        vendor_name = property(constant("cpu"))
+        device_module = property(lambda self: _CPUDeviceModule())
+        is_available = constant(True)
+        current_device = constant("cpu")  # verl passes it to .to(...): an int means a GPU
+        device_count = constant(1)
+        set_device = synchronize = set_allocator_settings = empty_cache = constant(None)
+        profiler_start = profiler_stop = cudart = constant(None)
+        get_device_capability = constant((None, None))
+        communication_backend_name = constant("gloo")
+        visible_devices_envvar = constant("CUDA_VISIBLE_DEVICES")
+        ray_resource_name = constant("CPU")
+        ray_noset_envvars = constant([])
+        is_ipc_supported = constant(False)
 
         def manual_seed(self, seed: int) -> None:
             torch.manual_seed(seed)
 
-        def manual_seed_all(self, seed: int) -> None:
-            torch.manual_seed(seed)
-
-        def set_allocator_settings(self, settings: str) -> None:
-            return None
-
-        def empty_cache(self) -> None:
-            return None
-
-        def get_device_capability(self, device_index: int = 0) -> tuple[int | None, int | None]:
-            return (None, None)
-
-        def communication_backend_name(self) -> str:
-            return "gloo"
-
-        def visible_devices_envvar(self) -> str:
-            return "CUDA_VISIBLE_DEVICES"
+        manual_seed_all = manual_seed
 
         @contextmanager
         def nvtx_range(self, msg: str):
             yield
-
-        def profiler_start(self) -> None:
-            return None
-
-        def profiler_stop(self) -> None:
-            return None
-
-        def ray_resource_name(self) -> str:
-            return "CPU"
-
-        def ray_noset_envvars(self) -> list[str]:
-            return []
-
-        def is_ipc_supported(self) -> bool:
-            return False
-
-        def cudart(self) -> Any:
-            return None
 
     return PlatformCPU
 
@@ -157,18 +108,12 @@ def setup(init_file: Path) -> None:
     """Apply workarounds 1, 2 and 5 and start the gloo group.
 
     One process (rank 0 of 1, a ``file://`` rendezvous at ``init_file``) unless a launcher set
-    ``WORLD_SIZE`` > 1 (``torchrun``): then the ``env://`` rendezvous of its ``MASTER_ADDR`` /
-    ``MASTER_PORT``, ``RANK`` and ``WORLD_SIZE``, which verl's worker also reads."""
+    ``WORLD_SIZE`` > 1 (``torchrun``): then its ``env://`` rendezvous, which verl's worker reads.
+    """
     hide_trl()
     os.environ["VERL_ENGINE_DEVICE"] = "cuda"
-    for key, value in {
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": "0",
-    }.items():
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    for key, value in {**defaults, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}.items():
         os.environ.setdefault(key, value)
     from verl.plugin.platform import set_platform
 
@@ -210,55 +155,172 @@ def save_tiny_model(
     return tokenizer
 
 
-def run_actor_worker(out_dir: Path, *args: str, timeout: int) -> dict[str, Any]:
-    """Run ``tests/verl_actor_worker.py OUT_DIR *args`` in a fresh interpreter (no external verl
-    modules, one thread) and load the ``result.pt`` it writes."""
-    import subprocess
-
-    repo = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_USE_EXTERNAL")}
-    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
-    proc = subprocess.run(
-        [sys.executable, str(repo / "tests" / "verl_actor_worker.py"), str(out_dir), *args],
-        env=env,
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(proc.stderr[-4000:])
-    return torch.load(out_dir / "result.pt", weights_only=False)
-
-
-def run_actor_ranks(out_dir: Path, world: int, *, timeout: int) -> list[dict[str, Any]]:
-    """Run ``tests/verl_actor_worker.py OUT_DIR ranks`` as ``world`` gloo processes and load the
-    ``rank{r}.pt`` each writes.
-
-    Launch as in ``tests/trl_helpers.py::run_two_processes``: torchrun's standalone rendezvous on
-    a port the OS picks, on 127.0.0.1 (gloo bound to the loopback interface), the parent's
-    distributed variables removed (and verl's external-module variables), one thread per
-    process, a wall-clock timeout; the workers leave through a
-    barrier. On failure the launcher's output tail is the assertion message."""
-    import subprocess
-
-    from trl_helpers import _worker_env  # the TRL 2-rank test's scrubbed environment
-
-    repo = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in _worker_env().items() if not k.startswith("VERL_USE_EXTERNAL")}
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={world}",
-        "--standalone",
-        "--local-addr=127.0.0.1",
-        str(repo / "tests" / "verl_actor_worker.py"),
-        str(out_dir),
-        "ranks",
+def overrides(
+    model_dir: Path, loss_mode: str, lr: float, extra: list[str], micro: int = MICRO_BATCH
+) -> list[str]:
+    """Hydra overrides of the actor (FSDP2, eager attention, no compile) for ``loss_mode``."""
+    actor = "actor_rollout_ref.actor"
+    return [
+        f"actor_rollout_ref.model.path={model_dir}",
+        "+actor_rollout_ref.model.override_config.attn_implementation=eager",
+        "actor_rollout_ref.model.enable_gradient_checkpointing=False",
+        f"{actor}.strategy=fsdp2",
+        f"{actor}.use_torch_compile=False",
+        f"{actor}.fsdp_config.use_torch_compile=False",
+        f"{actor}.ppo_mini_batch_size={MINI_BATCH_PROMPTS}",
+        f"{actor}.ppo_micro_batch_size_per_gpu={micro}",
+        f"{actor}.optim.lr={lr}",
+        f"{actor}.optim.weight_decay=0.0",
+        f"actor_rollout_ref.rollout.n={ROLLOUT_N}",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4",
+        "actor_rollout_ref.rollout.name=vllm",
+        f"{actor}.policy_loss.loss_mode={loss_mode}",
+        "trainer.n_gpus_per_node=1",
+        *extra,
     ]
-    proc = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def rollout_batch(tokenizer: Any, seed: int = 0) -> Any:
+    """A ``DataProto`` of ``N_PROMPTS * ROLLOUT_N`` sequences as verl's trainer holds it:
+    left-padded ``(B, PROMPT_LEN)`` prompts, right-padded ``(B, RESPONSE_LEN)`` responses,
+    GRPO-style sequence advantages (zero on padding)."""
+    from verl.protocol import DataProto
+
+    g = torch.Generator().manual_seed(seed)
+    bsz, vocab, pad = N_PROMPTS * ROLLOUT_N, len(tokenizer), tokenizer.pad_token_id
+    prompts = torch.full((bsz, PROMPT_LEN), pad)
+    responses = torch.full((bsz, RESPONSE_LEN), pad)
+    prompt_mask = torch.zeros(bsz, PROMPT_LEN, dtype=torch.long)
+    response_mask = torch.zeros(bsz, RESPONSE_LEN, dtype=torch.long)
+    for i in range(bsz):
+        pl = int(torch.randint(1, PROMPT_LEN + 1, (), generator=g))
+        rl = int(torch.randint(1, RESPONSE_LEN + 1, (), generator=g))
+        prompts[i, PROMPT_LEN - pl :] = torch.randint(3, vocab, (pl,), generator=g)
+        prompt_mask[i, PROMPT_LEN - pl :] = 1
+        responses[i, :rl] = torch.randint(3, vocab, (rl,), generator=g)
+        response_mask[i, :rl] = 1
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    advantages = torch.randn(bsz, 1, generator=g).expand(bsz, RESPONSE_LEN) * response_mask
+    batch = DataProto.from_dict(
+        tensors={
+            "prompts": prompts,
+            "responses": responses,
+            "input_ids": torch.cat([prompts, responses], 1),
+            "attention_mask": attention_mask,
+            "position_ids": torch.clamp(torch.cumsum(attention_mask, 1) - 1, min=0),
+            "response_mask": response_mask,
+            "advantages": advantages.float().contiguous(),
+        }
+    )
+    # What the rollout / fit loop put in meta_info before the actor sees the batch.
+    batch.meta_info["temperature"] = 1.0
+    batch.meta_info["global_token_num"] = attention_mask.sum(-1).tolist()
+    return batch
+
+
+class LossSpy:
+    """Wraps the registered policy losses ``modes``; records, per call, what the loss received
+    and returned in :attr:`calls` (observes only)."""
+
+    def __init__(self, modes: list[str]) -> None:
+        from verl.trainer.ppo import core_algos
+
+        self.calls: list[dict[str, Any]] = []
+        for mode in modes:
+            fn = core_algos.POLICY_LOSS_REGISTRY[mode]
+            core_algos.POLICY_LOSS_REGISTRY[mode] = self._wrap(mode, fn)
+
+    def _wrap(self, mode: str, fn: Any) -> Any:
+        def spy(**kwargs: Any) -> Any:
+            loss, metrics = fn(**kwargs)
+            self.calls.append(
+                {
+                    "mode": mode,
+                    "log_prob_dtype": str(kwargs["log_prob"].dtype),
+                    "old_log_prob_dtype": str(kwargs["old_log_prob"].dtype),
+                    "old_log_prob": kwargs["old_log_prob"].detach().float().clone(),
+                    "log_prob": kwargs["log_prob"].detach().float().clone(),
+                    "response_mask": kwargs["response_mask"].clone(),
+                    "global_batch_info": dict(kwargs["config"].global_batch_info),
+                    "metrics": {k: float(v) for k, v in metrics.items()},
+                    "loss": float(loss.detach()),
+                }
+            )
+            return loss, metrics
+
+        return spy
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def build_worker(
+    model_dir: Path, loss_mode: str, lr: float, extra: list[str] = (), micro: int = MICRO_BATCH
+) -> tuple[Any, list[dict[str, torch.Tensor]]]:
+    """An actor ``ActorRolloutRefWorker`` from ``ppo_trainer.yaml`` with :func:`overrides`.
+
+    Returns ``(host, grads)``: ``host`` stands in for verl's trainer (``config``,
+    ``actor_rollout_wg``, and ``forward_only_calls``, the engine's no-grad forwards so far);
+    ``grads`` receives the full gradients of each optimizer step (a step pre-hook).
+    """
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    config = compose(overrides(model_dir, loss_mode, lr, list(extra), micro))
+    worker = ActorRolloutRefWorker(config.actor_rollout_ref, role="actor")
+    worker.init_model()
+    grads: list[dict[str, torch.Tensor]] = []
+    engine = worker.actor.engine
+
+    def record(optimizer: Any, args: Any, kwargs: Any) -> None:
+        params = engine.module.named_parameters()
+        grads.append({n: _full(p.grad).clone() for n, p in params if p.grad is not None})
+
+    engine.optimizer.register_step_pre_hook(record)
+    host = types.SimpleNamespace(config=config, actor_rollout_wg=worker, forward_only_calls=0)
+    forward_backward_batch = engine.forward_backward_batch
+
+    def counted(data: Any, loss_function: Any, forward_only: bool = False) -> Any:
+        host.forward_only_calls += bool(forward_only)
+        return forward_backward_batch(data, loss_function, forward_only=forward_only)
+
+    engine.forward_backward_batch = counted
+    return host, grads
+
+
+def weights(host: Any) -> dict[str, torch.Tensor]:
+    """The actor's full parameters, detached copies."""
+    module = host.actor_rollout_wg.actor.engine.module
+    return {n: _full(p).detach().clone() for n, p in module.named_parameters()}
+
+
+def old_log_prob(host: Any, batch: Any) -> Any:
+    """verl's recompute (``RayPPOTrainer._compute_old_log_prob``): a ``DataProto`` holding
+    ``old_log_probs``."""
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+    out, _ = RayPPOTrainer._compute_old_log_prob(host, batch)
+    out.batch.pop("entropys")
+    return out
+
+
+def with_known_offsets(host: Any, batch: Any, offsets: Any = None) -> tuple[Any, Any]:
+    """``batch`` with ``old_log_probs`` = verl's recomputed log-probs - ``offsets``; with the
+    policy frozen (lr 0) the log-ratio of every valid token is then exactly ``offsets``
+    (``None``: draw them, 0.5 N(0, 1) on valid tokens, seed 1). Returns the batch and offsets."""
+    recomputed = old_log_prob(host, batch)
+    if offsets is None:
+        g = torch.Generator().manual_seed(1)
+        offsets = 0.5 * torch.randn(recomputed.batch["old_log_probs"].shape, generator=g)
+        offsets *= batch.batch["response_mask"]
+    recomputed.batch["old_log_probs"] = recomputed.batch["old_log_probs"] - offsets
+    return batch.union(recomputed), offsets
+
+
+def update(host: Any, batch: Any) -> dict[str, float]:
+    """One actor update (``RayPPOTrainer._update_actor``); the metrics the trainer logs."""
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+    from verl.utils.metric import reduce_metrics
+
+    output = RayPPOTrainer._update_actor(host, batch)
+    return {k: float(v) for k, v in reduce_metrics(output.meta_info["metrics"]).items()}

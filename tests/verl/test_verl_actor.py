@@ -1,13 +1,13 @@
 """The ESS plugin inside verl 0.9.1's own actor update (FSDP2 engine, one gloo process, CPU).
 
-One subprocess (``tests/verl_actor_worker.py``, ~70-90 s) builds verl actors from verl's
+One subprocess (``tests/verl/verl_actor_worker.py``, ~70-90 s) builds verl actors from verl's
 Hydra-composed ``ppo_trainer.yaml`` with a tiny Qwen2 built in code, drives them through verl's
 trainer -> worker -> engine -> ``ppo_loss`` chain and records (without changing anything) what
 each policy-loss call received and returned and the gradients of each optimizer step. The tests
 below read that record. Batch: 16 sequences, ``ppo_mini_batch_size=2`` x ``rollout.n=4`` = 2
 mini-batches (2 optimizer steps) of 4 micro-batches of 2 sequences; verl's defaults otherwise
 (AdamW, FSDP mixed precision: bf16 compute, fp32 parameters and gradient reduction). The
-workarounds needed on a CPU are test-only and listed in ``tests/verl_cpu_support.py``.
+workarounds needed on a CPU are listed in ``ess_po.testing.verl_harness``.
 
 Mutations checked (each made once by hand, the named test failed, then reverted):
 
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
-from verl_cpu_support import run_actor_worker
+from verl_actor_worker import run_actor_worker
 
 pytest.importorskip("verl.trainer.ppo.core_algos")
 pytest.importorskip("ess_po.integrations.verl")

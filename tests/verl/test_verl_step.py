@@ -1,7 +1,7 @@
 """Step scope in verl (issue 15): ``loss_mode=ess_step`` with the opt-in pre-pass worker.
 
-One subprocess (``tests/verl_actor_worker.py OUT step``) drives verl 0.9.1's FSDP2 actor on the
-CPU (workarounds: ``tests/verl_cpu_support.py``) with the policy frozen (lr 0) and known
+One subprocess (``tests/verl/verl_actor_worker.py OUT step``) drives verl 0.9.1's FSDP2 actor on
+the CPU (workarounds: ``ess_po.testing.verl_harness``) with the policy frozen (lr 0) and known
 log-ratio offsets, so the same 2 optimizer steps of 8 sequences are trained with
 ``ppo_micro_batch_size_per_gpu`` = 1, 2, 4 and 8. With ``ess_step`` the pre-pass computes one
 ESS per optimizer step, so the gradient of each step is the same for every split; with ``ess``
@@ -10,26 +10,26 @@ come from ``benchmarks/verl_step_cost.py``). 2 ranks of verl's actor: ``test_ver
 ``test_step_scope_two_ranks_equal_one_process`` runs the pre-pass's statistics step (merge and
 all-reduce) and ``ess_step`` on 2 gloo processes, without verl's actor.
 
-Free path (``free_record``, ``tests/verl_actor_worker.py OUT free``): verl recomputes
+Free path (``free_record``, ``tests/verl/verl_actor_worker.py OUT free``): verl recomputes
 ``old_log_prob`` with the actor, lr 2e-2; the first optimizer step of the update takes its
 statistics without a forward, the second runs the pre-pass; rollout-correction bypass mode, a
 second update without recompute and edited old log-probs always run the pre-pass.
 
 Mutations checked (free path):
 
-* the free path forced on every mini-batch (``free = True`` in the worker's
+* the free path forced on every mini-batch (``free = True`` in ``StepScope.attach``'s
   ``train_batch_with_step_stats``) fails ``test_free_path_on_the_first_mini_batch_only``
   (0 pre-pass forwards, the second step logs ESS 1), ``test_free_path_equals_the_prepass``
   (second step's ESS 1 instead of 0.9071 from the calls' log-probs) and
   ``test_free_path_not_taken_in_bypass_mode_or_without_recompute``;
 * the sequence digest without the log-prob values (``values[i][valid]`` dropped from
-  ``_sequence_digests``: only tokens and positions compared) fails
+  ``free_path.sequence_digests``: only tokens and positions compared) fails
   ``test_free_path_not_taken_in_bypass_mode_or_without_recompute``,
   ``test_free_path_not_taken_with_edited_old_log_prob`` and
   ``test_free_path_equals_the_prepass`` (the bypass run claims ESS 1).
 
-Mutation checked: ``compute_policy_loss_ess_step`` passing ``stats=None`` (each call's own ESS
-instead of the pre-pass statistics) fails ``test_step_scope_gradient_is_invariant_to_the_split``
+Mutation checked: the ``ess_step`` loss (``losses.make_policy_loss``) passing ``stats=None`` and
+``ess_scope="call"`` (each call's own ESS instead of the pre-pass statistics) fails ``test_step_scope_gradient_is_invariant_to_the_split``
 (micro-batches of 1 vs 8: 13% relative gradient difference) and
 ``test_step_scope_uses_one_ess_per_optimizer_step``.
 """
@@ -45,14 +45,14 @@ from typing import Any
 import pytest
 import torch
 from torch.testing import assert_close
-from verl_cpu_support import run_actor_worker
+from verl_actor_worker import run_actor_worker
 
 pytest.importorskip("verl.trainer.ppo.core_algos")
 pytest.importorskip("ess_po.integrations.verl")
 for _module in ("uvicorn", "fastapi", "torchdata", "cachetools", "hydra"):
     pytest.importorskip(_module)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MICROS = (1, 2, 4, 8)
 
 
@@ -178,19 +178,20 @@ mask, result = shard["response_mask"], {}
 for micro in (1, 2, 4):
     # What the pre-pass worker does with this rank's mini-batch (its log-probs come from a
     # no-grad forward there): the statistics of the rank's share, all-reduced, for every call.
-    shim._step_stats = shim._rank_step_stats(shard["log_prob"] - shard["old_log_prob"], mask)
+    scope = shim._SCOPE
+    stats = scope.rank_stats(shard["log_prob"] - shard["old_log_prob"], mask)
     log_prob = shard["log_prob"].clone().requires_grad_(True)
     ess = []
-    for start in range(0, mask.shape[0], micro):
-        sl = slice(start, start + micro)
-        loss, metrics = loss_fn(
-            old_log_prob=shard["old_log_prob"][sl], log_prob=log_prob[sl],
-            advantages=shard["advantages"][sl], response_mask=mask[sl],
-            loss_agg_mode="token-mean", config={"global_batch_info": info},
-            rollout_is_weights=shard["rollout_is_weights"][sl])
-        loss.backward()
-        ess.append(metrics["actor/ess"])
-    shim._step_stats = None
+    with scope.active(stats):
+        for start in range(0, mask.shape[0], micro):
+            sl = slice(start, start + micro)
+            loss, metrics = loss_fn(
+                old_log_prob=shard["old_log_prob"][sl], log_prob=log_prob[sl],
+                advantages=shard["advantages"][sl], response_mask=mask[sl],
+                loss_agg_mode="token-mean", config={"global_batch_info": info},
+                rollout_is_weights=shard["rollout_is_weights"][sl])
+            loss.backward()
+            ess.append(metrics["actor/ess"])
     result[micro] = {"grad": log_prob.grad, "ess": torch.stack(ess)}
 torch.save(result, os.path.join(out_dir, f"out{rank}.pt"))
 dist.barrier()
@@ -202,12 +203,12 @@ dist.destroy_process_group()
 def test_step_scope_two_ranks_equal_one_process(tmp_path: Path) -> None:
     """Two data-parallel ranks (gloo processes), each with half of an off-policy mini-batch of 8
     sequences (one fully masked) split into micro-batches of 1, 2 and 4: with ``ess_step`` and
-    the statistics the pre-pass worker computes (``_rank_step_stats``), every call on both ranks
+    the statistics the pre-pass worker computes (``StepScope.rank_stats``), every call on both ranks
     reports the ESS of all 8 sequences (float64 formula, independent of the core), and the
     rank-averaged gradient (DDP's reduction) equals one ``ess`` call over the whole mini-batch
     in one process. Each half's own ESS differs from the whole's, so a rank that skipped the
-    all-reduce would be caught. Mutation checked: ``sync=False`` in ``_rank_step_stats`` (no
-    all-reduce) fails it."""
+    all-reduce would be caught. Mutation checked: ``sync=False`` in ``StepScope.rank_stats``
+    (no all-reduce) fails it."""
     from test_verl_shim import global_info, make_batch, rows, run, run_two_gloo_ranks
 
     shim = pytest.importorskip("ess_po.integrations.verl")
@@ -309,7 +310,7 @@ def test_free_path_not_taken_in_bypass_mode_or_without_recompute(free_record: di
     recompute ran but its output is not used): a pre-pass forward before both optimizer steps
     and ESS < 1 on the first, where a free path would have claimed 1. A second update of the
     same batch without a recompute (the parameters moved): pre-pass before both steps too. In
-    the off-policy runs of ``tests/verl_actor_worker.py OUT step`` (old_log_prob = recomputed
+    the off-policy runs of ``tests/verl/verl_actor_worker.py OUT step`` (old_log_prob = recomputed
     minus offsets) the free path is never taken either (see the next test)."""
     bypass = free_record["runs"]["bypass_micro2_fp32"]
     assert bypass["prepass_forwards"] == 2

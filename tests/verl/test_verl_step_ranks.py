@@ -1,7 +1,7 @@
 """Step scope over data-parallel ranks in verl's real actor (issue 15).
 
-``tests/verl_actor_worker.py OUT ranks`` runs verl 0.9.1's FSDP2 actor (the chain of
-``tests/test_verl_actor.py``, CPU workarounds in ``tests/verl_cpu_support.py``) as 1 and as 2
+``tests/verl/verl_actor_worker.py OUT ranks`` runs verl 0.9.1's FSDP2 actor (the chain of
+``test_verl_actor.py``, CPU workarounds in ``ess_po.testing.verl_harness``) as 1 and as 2
 gloo processes under ``torchrun`` (loopback, scrubbed environment, timeout). Each rank calls
 verl's trainer methods (``RayPPOTrainer._compute_old_log_prob`` / ``_update_actor``); a
 ``RankView`` stands in for Ray's worker group and gives rank ``r`` chunk ``r`` of verl's own
@@ -15,11 +15,11 @@ the free path on the first optimizer step (the ranks agree through a MIN all-red
 
 Mutations checked (each fails ``test_step_scope_is_invariant_to_ranks_and_split``):
 
-* all-reduce removed: ``_rank_step_stats`` calling ``step_stats(..., sync=False)`` (each rank
+* all-reduce removed: ``StepScope.rank_stats`` calling ``step_stats(..., sync=False)`` (each rank
   keeps the statistics of its own 4 sequences): on 2 ranks rank 0 reports ESS 0.8288 / 0.8026
   and rank 1 0.7277 / 0.9047 instead of the steps' 0.7304 / 0.7989, and the step gradients move
   by 6.9% / 4.0% (relative max-abs) for either micro-batch size;
-* pre-pass bypassed: ``compute_policy_loss_ess_step`` passing ``stats=None`` (each call's own
+* pre-pass bypassed: the ``ess_step`` loss passing ``stats=None`` (``ess_scope="call"``) (each call's own
   ESS, all-reduced per call, instead of the pre-pass statistics): 1 rank with micro-batches of
   1 reports 0.9561 for the first call, and every gradient element differs.
 """
@@ -37,7 +37,7 @@ for _module in ("uvicorn", "fastapi", "torchdata", "cachetools", "hydra"):
     pytest.importorskip(_module)
 
 from test_verl_step import _ess, _relative_difference  # noqa: E402
-from verl_cpu_support import run_actor_ranks  # noqa: E402
+from verl_actor_worker import run_actor_ranks  # noqa: E402
 
 WORLDS, MICROS = (1, 2), (1, 4)
 

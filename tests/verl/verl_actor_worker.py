@@ -1,8 +1,9 @@
-"""Subprocess driver for ``tests/test_verl_actor.py``: verl 0.9.1's own actor update on the CPU.
+"""verl 0.9.1's own actor update on the CPU, run in a subprocess: scenarios and launchers.
 
-Usage: ``python tests/verl_actor_worker.py OUT_DIR [step|free]`` writes ``OUT_DIR/result.pt``;
-``torchrun --nproc_per_node=N tests/verl_actor_worker.py OUT_DIR ranks`` (N = 1 or 2 gloo
-processes, see :func:`main_ranks`) writes ``OUT_DIR/rank{r}.pt``.
+Usage: ``python tests/verl/verl_actor_worker.py OUT_DIR [step|free]`` writes ``OUT_DIR/result.pt``;
+``torchrun --nproc_per_node=N tests/verl/verl_actor_worker.py OUT_DIR ranks`` (N = 1 or 2 gloo
+processes, see :func:`main_ranks`) writes ``OUT_DIR/rank{r}.pt``. The tests start them with
+:func:`run_actor_worker` and :func:`run_actor_ranks`.
 
 The chain exercised is verl's: trainer (``RayPPOTrainer._compute_old_log_prob`` and
 ``RayPPOTrainer._update_actor``, called on a minimal host object holding the Hydra config and
@@ -10,9 +11,9 @@ the worker) -> ``ActorRolloutRefWorker.update_actor`` -> ``TrainingWorker.train_
 FSDP2 ``FSDPEngineWithLMHead.train_batch`` (micro-batches, backward, optimizer step) ->
 ``verl.workers.utils.losses.ppo_loss`` -> ``get_policy_loss_fn(loss_mode)`` -> the registered
 loss; metrics come back through ``Metric.aggregate_dp`` and ``reduce_metrics``. The CPU
-workarounds are in ``tests/verl_cpu_support.py``. Two instruments observe without changing
-anything: a wrapper around each registered policy loss records its inputs and metrics per call,
-and an optimizer step pre-hook records the gradients of each optimizer step.
+workarounds and the worker machinery are in :mod:`ess_po.testing.verl_harness`. Two instruments
+observe without changing anything: ``LossSpy`` records each policy-loss call's inputs and
+metrics, and an optimizer step pre-hook records the gradients of each optimizer step.
 
 Runs (each its own worker, built from ``ppo_trainer.yaml`` with its own overrides; verl's
 defaults: AdamW, FSDP mixed precision with bf16 compute and fp32 parameters / reductions):
@@ -29,7 +30,9 @@ defaults: AdamW, FSDP mixed precision with bf16 compute and fp32 parameters / re
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,179 +40,70 @@ import types
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ess_po.testing import verl_harness as vh
+from ess_po.testing.verl_harness import (
+    LossSpy,
+    build_worker,
+    old_log_prob,
+    rollout_batch,
+    update,
+    weights,
+    with_known_offsets,
+)
 
-import verl_cpu_support as vcs
-
-N_PROMPTS, ROLLOUT_N, PROMPT_LEN, RESPONSE_LEN = 4, 4, 4, 6
-MINI_BATCH_PROMPTS, MICRO_BATCH = 2, 2
 REPEATS = 3
+SCRIPT = Path(__file__).resolve()
+REPO = SCRIPT.parents[2]
 
 
-def overrides(
-    model_dir: Path, loss_mode: str, lr: float, extra: list[str], micro: int = MICRO_BATCH
-) -> list[str]:
-    return [
-        f"actor_rollout_ref.model.path={model_dir}",
-        "+actor_rollout_ref.model.override_config.attn_implementation=eager",
-        "actor_rollout_ref.model.enable_gradient_checkpointing=False",
-        "actor_rollout_ref.actor.strategy=fsdp2",
-        "actor_rollout_ref.actor.use_torch_compile=False",
-        "actor_rollout_ref.actor.fsdp_config.use_torch_compile=False",
-        f"actor_rollout_ref.actor.ppo_mini_batch_size={MINI_BATCH_PROMPTS}",
-        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro}",
-        f"actor_rollout_ref.actor.optim.lr={lr}",
-        "actor_rollout_ref.actor.optim.weight_decay=0.0",
-        f"actor_rollout_ref.rollout.n={ROLLOUT_N}",
-        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4",
-        "actor_rollout_ref.rollout.name=vllm",
-        f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}",
-        "trainer.n_gpus_per_node=1",
-        *extra,
-    ]
-
-
-def make_batch(tokenizer: Any, seed: int = 0) -> Any:
-    """A rollout batch as verl's trainer holds it: left-padded prompts, right-padded responses,
-    GRPO-style sequence advantages (zero on padding)."""
+def run_actor_worker(out_dir: Path, *args: str, timeout: int) -> dict[str, Any]:
+    """Run this script ``OUT_DIR *args`` in a fresh interpreter (no external verl modules, one
+    thread) and load the ``result.pt`` it writes."""
     import torch
-    from verl.protocol import DataProto
 
-    g = torch.Generator().manual_seed(seed)
-    bsz, vocab, pad = N_PROMPTS * ROLLOUT_N, len(tokenizer), tokenizer.pad_token_id
-    prompts = torch.full((bsz, PROMPT_LEN), pad)
-    responses = torch.full((bsz, RESPONSE_LEN), pad)
-    prompt_mask = torch.zeros(bsz, PROMPT_LEN, dtype=torch.long)
-    response_mask = torch.zeros(bsz, RESPONSE_LEN, dtype=torch.long)
-    for i in range(bsz):
-        pl = int(torch.randint(1, PROMPT_LEN + 1, (), generator=g))
-        rl = int(torch.randint(1, RESPONSE_LEN + 1, (), generator=g))
-        prompts[i, PROMPT_LEN - pl :] = torch.randint(3, vocab, (pl,), generator=g)
-        prompt_mask[i, PROMPT_LEN - pl :] = 1
-        responses[i, :rl] = torch.randint(3, vocab, (rl,), generator=g)
-        response_mask[i, :rl] = 1
-    attention_mask = torch.cat([prompt_mask, response_mask], 1)
-    position_ids = torch.clamp(torch.cumsum(attention_mask, 1) - 1, min=0)
-    advantages = torch.randn(bsz, 1, generator=g).expand(bsz, RESPONSE_LEN) * response_mask
-    batch = DataProto.from_dict(
-        tensors={
-            "prompts": prompts,
-            "responses": responses,
-            "input_ids": torch.cat([prompts, responses], 1),
-            "attention_mask": attention_mask,
-            "position_ids": position_ids,
-            "response_mask": response_mask,
-            "advantages": advantages.float().contiguous(),
-        }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_USE_EXTERNAL")}
+    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out_dir), *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
-    # What the rollout / fit loop put in meta_info before the actor sees the batch.
-    batch.meta_info["temperature"] = 1.0
-    batch.meta_info["global_token_num"] = attention_mask.sum(-1).tolist()
-    return batch
+    if proc.returncode != 0:
+        raise AssertionError(proc.stderr[-4000:])
+    return torch.load(out_dir / "result.pt", weights_only=False)
 
 
-class LossSpy:
-    """Wraps the registered policy losses; records per call what the loss received and returned."""
+def run_actor_ranks(out_dir: Path, world: int, *, timeout: int) -> list[dict[str, Any]]:
+    """Run this script ``OUT_DIR ranks`` as ``world`` gloo processes and load the ``rank{r}.pt``
+    each writes.
 
-    def __init__(self, modes: list[str]) -> None:
-        from verl.trainer.ppo import core_algos
-
-        self.calls: list[dict[str, Any]] = []
-        for mode in modes:
-            fn = core_algos.POLICY_LOSS_REGISTRY[mode]
-            core_algos.POLICY_LOSS_REGISTRY[mode] = self._wrap(mode, fn)
-
-    def _wrap(self, mode: str, fn: Any) -> Any:
-        def spy(**kwargs: Any) -> Any:
-            loss, metrics = fn(**kwargs)
-            self.calls.append(
-                {
-                    "mode": mode,
-                    "log_prob_dtype": str(kwargs["log_prob"].dtype),
-                    "old_log_prob_dtype": str(kwargs["old_log_prob"].dtype),
-                    "old_log_prob": kwargs["old_log_prob"].detach().float().clone(),
-                    "log_prob": kwargs["log_prob"].detach().float().clone(),
-                    "response_mask": kwargs["response_mask"].clone(),
-                    "global_batch_info": dict(kwargs["config"].global_batch_info),
-                    "metrics": {k: float(v) for k, v in metrics.items()},
-                    "loss": float(loss.detach()),
-                }
-            )
-            return loss, metrics
-
-        return spy
-
-
-def build_worker(
-    model_dir: Path, loss_mode: str, lr: float, extra: list[str] = (), micro: int = MICRO_BATCH
-) -> Any:
-    from verl.workers.engine_workers import ActorRolloutRefWorker
-
-    config = vcs.compose(overrides(model_dir, loss_mode, lr, list(extra), micro))
-    worker = ActorRolloutRefWorker(config.actor_rollout_ref, role="actor")
-    worker.init_model()
-    grads: list[dict[str, Any]] = []
-    engine = worker.actor.engine
-
-    def record(optimizer: Any, args: Any, kwargs: Any) -> None:
-        step = {}
-        for name, param in engine.module.named_parameters():
-            if param.grad is not None:
-                grad = param.grad
-                step[name] = (grad.full_tensor() if hasattr(grad, "full_tensor") else grad).clone()
-        grads.append(step)
-
-    engine.optimizer.register_step_pre_hook(record)
-    host = types.SimpleNamespace(config=config, actor_rollout_wg=worker, forward_only_calls=0)
-    # Counts the engine's no-grad forwards over a batch (compute_log_prob's and the step-scope
-    # pre-pass's); update() runs no compute_log_prob, so during it they are pre-pass forwards.
-    forward_backward_batch = engine.forward_backward_batch
-
-    def counted(data: Any, loss_function: Any, forward_only: bool = False) -> Any:
-        host.forward_only_calls += bool(forward_only)
-        return forward_backward_batch(data, loss_function, forward_only=forward_only)
-
-    engine.forward_backward_batch = counted
-    return host, grads
-
-
-def weights(host: Any) -> dict[str, Any]:
-    module = host.actor_rollout_wg.actor.engine.module
-    return {
-        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-        for n, p in module.named_parameters()
-    }
-
-
-def old_log_prob(host: Any, batch: Any) -> Any:
-    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
-
-    out, _ = RayPPOTrainer._compute_old_log_prob(host, batch)
-    out.batch.pop("entropys")
-    return out
-
-
-def with_known_offsets(host: Any, batch: Any, offsets: Any = None) -> tuple[Any, Any]:
-    """``batch`` with ``old_log_probs`` = verl's recomputed log-probs - ``offsets``; with the
-    policy frozen (lr 0) the log-ratio of every valid token is then exactly ``offsets``
-    (``None``: draw them, 0.5 N(0, 1) on valid tokens, seed 1). Returns the batch and offsets."""
+    torchrun's standalone rendezvous on a port the OS picks, on 127.0.0.1, the parent's
+    distributed variables removed (and verl's external-module variables), one thread per
+    process, a wall-clock timeout; the workers leave through a barrier. On failure the
+    launcher's output tail is the assertion message."""
     import torch
+    from trl_helpers import _worker_env  # the TRL 2-rank test's scrubbed environment
 
-    recomputed = old_log_prob(host, batch)
-    if offsets is None:
-        g = torch.Generator().manual_seed(1)
-        offsets = 0.5 * torch.randn(recomputed.batch["old_log_probs"].shape, generator=g)
-        offsets *= batch.batch["response_mask"]
-    recomputed.batch["old_log_probs"] = recomputed.batch["old_log_probs"] - offsets
-    return batch.union(recomputed), offsets
-
-
-def update(host: Any, batch: Any) -> dict[str, float]:
-    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
-    from verl.utils.metric import reduce_metrics
-
-    output = RayPPOTrainer._update_actor(host, batch)
-    return {k: float(v) for k, v in reduce_metrics(output.meta_info["metrics"]).items()}
+    env = {k: v for k, v in _worker_env().items() if not k.startswith("VERL_USE_EXTERNAL")}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={world}",
+        "--standalone",
+        "--local-addr=127.0.0.1",
+        str(SCRIPT),
+        str(out_dir),
+        "ranks",
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def v1_bypass_old_log_prob(host: Any, batch: Any) -> tuple[Any, str]:
@@ -253,7 +147,7 @@ def v1_bypass_old_log_prob(host: Any, batch: Any) -> tuple[Any, str]:
 
 
 def main_step_scope(out_dir: Path) -> None:
-    """Step scope (issue 15): ``ess_step`` through the opt-in pre-pass worker, frozen policy
+    """Step scope: ``ess_step`` through the opt-in pre-pass worker, frozen policy
     (lr 0) and known log-ratio offsets, the same 2 optimizer steps of 8 sequences split into
     micro-batches of 1, 2, 4 and 8; ``ess`` (per call) with 1 and 8 for contrast. fp32 compute
     (``fsdp_config.mixed_precision.param_dtype=fp32``) for the exactness checks, and bf16
@@ -263,10 +157,10 @@ def main_step_scope(out_dir: Path) -> None:
 
     t0 = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="verl_step_"))
-    vcs.setup(tmp / "init")
+    vh.setup(tmp / "init")
     from ess_po.integrations.verl import enable_step_scope
 
-    tokenizer = vcs.save_tiny_model(tmp / "model")
+    tokenizer = vh.save_tiny_model(tmp / "model")
     enable_step_scope()
     spy = LossSpy(["ess", "ess_step"])
     result: dict[str, Any] = {"runs": {}}
@@ -283,7 +177,7 @@ def main_step_scope(out_dir: Path) -> None:
             micro=micro,
             extra=[f"+actor_rollout_ref.actor.fsdp_config.mixed_precision={{param_dtype:{dtype}}}"],
         )
-        batch, offsets = with_known_offsets(host, make_batch(tokenizer), offsets)
+        batch, offsets = with_known_offsets(host, rollout_batch(tokenizer), offsets)
         seconds, first = [], len(spy.calls)
         for _ in range(REPEATS):
             start = time.perf_counter()
@@ -305,7 +199,7 @@ def main_step_scope(out_dir: Path) -> None:
 
 
 def main_free_path(out_dir: Path) -> None:
-    """Free path of ``ess_step`` (issue 15): verl recomputes ``old_log_prob`` with the actor right
+    """Free path of ``ess_step``: verl recomputes ``old_log_prob`` with the actor right
     before the update (``RayPPOTrainer._compute_old_log_prob``), lr 2e-2, 16 sequences = 2
     optimizer steps of 8. fp32 compute: free path allowed (``enable_step_scope()``) with
     micro-batches of 1, 2, 4 and 8, and always the pre-pass (``free_path=False``) with 1 and 8;
@@ -318,10 +212,10 @@ def main_free_path(out_dir: Path) -> None:
 
     t0 = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="verl_free_"))
-    vcs.setup(tmp / "init")
+    vh.setup(tmp / "init")
     from ess_po.integrations.verl import enable_step_scope
 
-    tokenizer = vcs.save_tiny_model(tmp / "model")
+    tokenizer = vh.save_tiny_model(tmp / "model")
     enable_step_scope()
     spy = LossSpy(["ess_step"])
     result: dict[str, Any] = {"runs": {}}
@@ -347,7 +241,7 @@ def main_free_path(out_dir: Path) -> None:
             micro=micro,
             extra=[f"+actor_rollout_ref.actor.fsdp_config.mixed_precision={{param_dtype:{dtype}}}"],
         )
-        batch = make_batch(tokenizer)
+        batch = rollout_batch(tokenizer)
         batch = batch.union(old_log_prob(host, batch))
         key = f"{'free' if free else 'prepass'}_micro{micro}_{dtype}"
         result["runs"][key] = run(host, grads, batch)
@@ -365,7 +259,7 @@ def main_free_path(out_dir: Path) -> None:
             "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32}",
         ],
     )
-    batch = make_batch(tokenizer)
+    batch = rollout_batch(tokenizer)
     recomputed = old_log_prob(host, batch)  # recorded by the worker, then unused
     g = torch.Generator().manual_seed(2)
     rollout = recomputed.batch["old_log_probs"] + 0.3 * torch.randn(
@@ -419,7 +313,7 @@ def rank_order(world: int) -> list[int]:
 
 
 def main_ranks(out_dir: Path) -> None:
-    """Step scope over data-parallel ranks (issue 15), one rank of a ``torchrun`` group (1 or 2
+    """Step scope over data-parallel ranks, one rank of a ``torchrun`` group (1 or 2
     gloo processes): the same 2 optimizer steps of 8 sequences (frozen policy, known log-ratio
     offsets, fp32 compute) with ``ess_step`` and ``ess``, micro-batches of 1 and 4 sequences per
     rank. Writes ``OUT_DIR/rank{RANK}.pt``: per run the gradients of each optimizer step (full
@@ -429,11 +323,11 @@ def main_ranks(out_dir: Path) -> None:
 
     t0 = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="verl_ranks_"))
-    vcs.setup(tmp / "init")
+    vh.setup(tmp / "init")
     from ess_po.integrations.verl import enable_step_scope
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    tokenizer = vcs.save_tiny_model(tmp / "model")
+    tokenizer = vh.save_tiny_model(tmp / "model")
     enable_step_scope()
     spy = LossSpy(["ess", "ess_step"])
     result: dict[str, Any] = {"runs": {}, "world": world, "rank": rank}
@@ -448,7 +342,7 @@ def main_ranks(out_dir: Path) -> None:
                 extra=["+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32}"],
             )
             host.actor_rollout_wg = RankView(host.actor_rollout_wg)
-            batch, offsets = with_known_offsets(host, make_batch(tokenizer), offsets)
+            batch, offsets = with_known_offsets(host, rollout_batch(tokenizer), offsets)
             first = len(spy.calls)
             metrics = update(host, batch.select_idxs(rank_order(world)))
             result["runs"][f"{mode}_micro{micro}"] = {
@@ -467,7 +361,7 @@ def main_ranks(out_dir: Path) -> None:
         extra=["+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32}"],
     )
     host.actor_rollout_wg = RankView(host.actor_rollout_wg)
-    onpolicy = make_batch(tokenizer)
+    onpolicy = rollout_batch(tokenizer)
     onpolicy = onpolicy.union(old_log_prob(host, onpolicy))
     first, forwards = len(spy.calls), host.forward_only_calls
     metrics = update(host, onpolicy.select_idxs(rank_order(world)))
@@ -491,15 +385,15 @@ def main(out_dir: Path) -> None:
 
     t0 = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="verl_actor_"))
-    vcs.setup(tmp / "init")
-    tokenizer = vcs.save_tiny_model(tmp / "model")
+    vh.setup(tmp / "init")
+    tokenizer = vh.save_tiny_model(tmp / "model")
     spy = LossSpy(["vanilla", "ess", "ess_seq"])
     result: dict[str, Any] = {"runs": {}}
 
     # 1. vanilla / ess / ess_seq from the same weights, old_log_prob recomputed by verl.
     for mode in ("vanilla", "ess", "ess_seq"):
         host, grads = build_worker(tmp / "model", mode, lr=2e-2)
-        batch = make_batch(tokenizer)
+        batch = rollout_batch(tokenizer)
         batch = batch.union(old_log_prob(host, batch))
         result.setdefault("initial_weights", weights(host))
         first = len(spy.calls)
@@ -513,7 +407,7 @@ def main(out_dir: Path) -> None:
 
     # 2. Known off-policy offsets, policy frozen (lr 0): every call's ESS is predictable.
     host, grads = build_worker(tmp / "model", "ess", lr=0.0)
-    batch, offsets = with_known_offsets(host, make_batch(tokenizer))
+    batch, offsets = with_known_offsets(host, rollout_batch(tokenizer))
     first = len(spy.calls)
     metrics = update(host, batch)
     result["runs"]["ess_fixed"] = {
@@ -534,7 +428,7 @@ def main(out_dir: Path) -> None:
             "actor_rollout_ref.rollout.calculate_log_probs=True",
         ],
     )
-    batch = make_batch(tokenizer)
+    batch = rollout_batch(tokenizer)
     recomputed = old_log_prob(host, batch)
     g = torch.Generator().manual_seed(2)
     rollout = recomputed.batch["old_log_probs"] + 0.3 * torch.randn(

@@ -111,6 +111,11 @@ def verl_metrics(metrics: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+# TEMPORARY until the core names its scopes "call" / "step" / "sequence".
+from ess_po._validation import ESS_SCOPES as _ESS_SCOPES  # noqa: E402
+
+_CORE_SCOPE = {} if "call" in _ESS_SCOPES else {"call": "batch", "step": "batch"}
+
 _NO_STEP_STATS: Final = (
     f"policy_loss.loss_mode={STEP_LOSS_NAME} needs the ESS statistics of the optimizer step, "
     "which a no-grad pre-pass computes; none were set. Set "
@@ -150,7 +155,7 @@ def make_policy_loss(ess_scope: str, scope: StepScope, name: str) -> PolicyLoss:
             old_log_prob,
             advantages,
             response_mask,
-            ess_scope=ess_scope,
+            ess_scope=_CORE_SCOPE.get(ess_scope, ess_scope),
             rollout_weights=rollout_is_weights,
             process_group=scope.process_group(),
             stats=stats if step else None,
