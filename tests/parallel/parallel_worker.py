@@ -1,7 +1,8 @@
-"""One rank of the parallel-layout run (``tests/test_parallel_layouts.py`` starts four).
+"""One rank of the parallel-layout run (``test_parallel_layouts.py`` starts four with
+``ess_po.testing.processes.run_ranks``).
 
-Each rank connects to the parent's TCPStore (the parent took a free port from the OS), joins a
-gloo world of 4 CPU processes, and for every layout
+Each rank joins a gloo world of 4 CPU processes (torchrun's ``env://`` rendezvous), connects to
+the rendezvous store of torchrun's agent, and for every layout
 
 * initialises megatron-core's real ``parallel_state`` (or, for Ulysses, torch's device mesh as
   verl's FSDP engine builds it),
@@ -17,7 +18,7 @@ collective: a loss rank stuck in an all-reduce that a non-loss rank never enters
 group under pipeline parallelism) then fails with a timeout instead of pairing with an
 unrelated collective.
 
-Usage: ``python tests/parallel_worker.py PORT RANK WORLD OUT_DIR`` (started by the test).
+Usage: ``torchrun --standalone --nproc-per-node 4 tests/parallel/parallel_worker.py OUT_DIR``.
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def run_ulysses(rank: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    port, rank, world, out_dir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    out_dir = sys.argv[1]
     start = time.perf_counter()
     torch.set_num_threads(1)
     # Import the frameworks before the rendezvous so that no rank waits on another's imports.
@@ -202,15 +203,18 @@ def main() -> None:
 
     import ess_po.integrations.verl  # noqa: F401  (imports verl)
 
-    store = dist.TCPStore(
-        "127.0.0.1", port, is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S)
-    )
-    dist.init_process_group(
-        "gloo",
-        store=store,
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    dist.init_process_group("gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == WORLD, world
+    # torchrun's agent hosts the rendezvous store (it outlives every rank); our keys get a prefix
+    store = dist.PrefixStore(
+        "layouts/",
+        dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=STORE_TIMEOUT_S),
+        ),
     )
     results: dict[str, Any] = {"seconds": {"imports": time.perf_counter() - start}}
     try:

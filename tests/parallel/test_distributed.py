@@ -1,17 +1,19 @@
-"""ESS over data-parallel ranks: 2 and 3 CPU processes on the gloo backend."""
+"""ESS over data-parallel ranks: 2 and 3 CPU processes on the gloo backend.
+
+Run as a script, this file is one rank (``run_ranks`` starts it): ``CASE OUT_DIR``.
+"""
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(__file__))
+from ess_po.testing.batches import make_batch
+from ess_po.testing.processes import run_ranks
 
 # Rows of the 6-sequence batch each rank holds; an empty slice is a rank with no data (B = 0).
 SHARDS = {
@@ -22,15 +24,7 @@ SHARDS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _whole_batch(case: str):
-    from conftest import make_batch
-
     b = make_batch(6, 9, seed=21, staleness=0.7, empty_rows=1)
     if case == "2-ranks-rank1-masked":
         b.mask[2:] = False
@@ -44,9 +38,10 @@ def _shard(rank: int, case: str):
     return lp, b.logp_old[rows], b.advantages[rows], b.mask[rows]
 
 
-def _worker(rank: int, world: int, port: int, case: str, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(case: str, out_dir: Path) -> None:
+    """One rank: its shard's loss, gradient and ESS (per call and step), to ``rank{r}.pt``."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
     try:
         from ess_po import effective_sample_size, ess_policy_loss, ess_stats, step_stats
 
@@ -67,7 +62,7 @@ def _worker(rank: int, world: int, port: int, case: str, out: dict) -> None:
             step_loss = step_loss + part.loss
         if isinstance(step_loss, torch.Tensor):
             step_loss.backward()
-        out[rank] = dict(
+        result = dict(
             ess=res.ess.item(),
             ess_fn=effective_sample_size(lp.detach() - lo, mask).item(),
             ess_local=unsynced.ess.item(),
@@ -76,24 +71,20 @@ def _worker(rank: int, world: int, port: int, case: str, out: dict) -> None:
             grad=lp.grad.clone(),
             step_grad=torch.zeros_like(lp) if lp2.grad is None else lp2.grad.clone(),
         )
+        torch.save(result, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _run(case: str) -> dict:
+def _run(case: str, tmp_path: Path) -> dict[int, dict]:
     world = len(SHARDS[case])
-    port = _free_port()
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.start_processes(
-            _worker, args=(world, port, case, out), nprocs=world, join=True, start_method="spawn"
-        )
-        return dict(out)
+    run_ranks(Path(__file__), world, [case, tmp_path], timeout=300)
+    return {r: torch.load(tmp_path / f"rank{r}.pt") for r in range(world)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(SHARDS))
-def test_ess_and_gradient_over_gloo_ranks(case: str) -> None:
+def test_ess_and_gradient_over_gloo_ranks(case: str, tmp_path: Path) -> None:
     """Every rank, empty ones included, joins the all-reduce and sees the ESS of the whole
     batch; with the global count as normaliser the shard gradients add up to the whole batch's.
     Step statistics (merged micro-batches, one all-reduce) give the same ESS and gradient.
@@ -101,7 +92,7 @@ def test_ess_and_gradient_over_gloo_ranks(case: str) -> None:
     ``ess`` and ``ess_step`` assertions (and the gradient ones)."""
     from ess_po import effective_sample_size, ess_policy_loss
 
-    results = _run(case)
+    results = _run(case, tmp_path)
     world = len(SHARDS[case])
     b = _whole_batch(case)
     whole = ess_policy_loss(b.logp_new, b.logp_old, b.advantages, b.mask)
@@ -122,3 +113,7 @@ def test_ess_and_gradient_over_gloo_ranks(case: str) -> None:
     torch.testing.assert_close(grad, b.logp_new.grad)
     step_grad = torch.cat([results[r]["step_grad"] for r in range(world)])
     torch.testing.assert_close(step_grad, b.logp_new.grad)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], Path(sys.argv[2]))

@@ -1,6 +1,6 @@
 """One ESS per step for every parallel layout, with megatron-core's real ``parallel_state``.
 
-Four CPU processes on gloo (``tests/parallel_worker.py``) run, one after the other, the layouts
+Four CPU processes on gloo (``parallel_worker.py``, next to this file) run, one after the other, the layouts
 of ``parallel_worker.LAYOUTS`` through verl's ``compute_policy_loss_ess``, whose group comes from
 ``ess_po.integrations.parallel.ess_process_group``. Each layout's test asserts that every rank
 computing the loss reports the same ESS, equal to the ESS of all the step's tokens by the naive
@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,22 +38,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ess_po import ESSStats, effective_sample_size, ess_policy_loss, ess_stats
+from ess_po.testing.processes import child_env, run_ranks
 
 RUN_TIMEOUT_S = 300
-
-#: Rendezvous variables a parent launcher (torchrun, SLURM, an earlier gloo test) may leave set;
-#: the workers take their rank and store from the command line only.
-_LAUNCHER_VARS = frozenset({"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"})
-
-
-def _worker_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in _LAUNCHER_VARS and not k.startswith(("MASTER_", "TORCHELASTIC_"))
-    }
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
-    return env
 
 
 def _megatron_available() -> bool:
@@ -69,44 +53,11 @@ def _megatron_available() -> bool:
 
 
 def _launch(out: Path) -> dict[int, dict[str, Any]]:
-    """Start the 4 workers against a TCPStore this process hosts on a port the OS picked."""
-    import torch.distributed as dist
-
-    store = dist.TCPStore(
-        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
-    )
-    env = _worker_env()
+    """Run the 4 workers (torchrun, gloo, loopback) and read the ``rank<r>.json`` each writes."""
     worker = Path(__file__).with_name("parallel_worker.py")
-    procs = []
-    for rank in range(pw.WORLD):
-        log = (out / f"rank{rank}.log").open("w")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(worker), str(store.port), str(rank), str(pw.WORLD), str(out)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-    try:
-        for p in procs:
-            p.wait(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        del store
-    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
-    if failed:
-        logs = "\n".join(
-            f"--- rank {r} (exit {procs[r].returncode}) ---\n"
-            + (out / f"rank{r}.log").read_text()[-3000:]
-            for r in failed
-        )
-        raise AssertionError(f"workers {failed} failed:\n{logs}")
+    run_ranks(
+        worker, pw.WORLD, [out], env=child_env(PYTHONWARNINGS="ignore"), timeout=RUN_TIMEOUT_S
+    )
     runs = {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(pw.WORLD)}
     print("worker seconds (rank 0):", {k: round(v, 2) for k, v in runs[0]["seconds"].items()})
     for layout in pw.LAYOUTS:
