@@ -41,11 +41,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from baselines import cispo, clipped, reinforce
 
 from ess_po import ess_policy_loss
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import cispo, clipped, reinforce
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 FULL_SIZES = [(8, 1024), (64, 1024), (64, 4096), (256, 4096), (256, 8192)]

@@ -27,17 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from loss_cost import environment
 
 import ess_po
 from ess_po import ess_policy_loss, step_stats
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loss_cost import environment
 
 SPLITS = ((1, 64), (64, 1), (32, 2), (8, 8), (2, 32))  # (calls, sequences per call)
 
