@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: module name -> source file whose ``__all__`` lists the public names the reference must cover
 PUBLIC_MODULES = {
     "ess_po": ROOT / "ess_po" / "__init__.py",
-    "ess_po.integrations.trl": ROOT / "ess_po" / "integrations" / "trl.py",
+    "ess_po.integrations.trl": ROOT / "ess_po" / "integrations" / "trl" / "__init__.py",
     "ess_po.integrations.verl": ROOT / "ess_po" / "integrations" / "verl" / "__init__.py",
     "ess_po.testing.tiny": ROOT / "ess_po" / "testing" / "tiny.py",
     "ess_po.integrations.parallel": ROOT / "ess_po" / "integrations" / "parallel.py",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from importlib.util import find_spec
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # Fail on import, naming the extra, rather than with a bare ModuleNotFoundError on first use.
@@ -214,3 +215,13 @@ def warm_start(
         losses.append(float(loss.detach()))
     model.eval()
     return losses
+
+
+def save_tiny_model(directory: str | Path, *, seed: int = 0, **model_kwargs: Any) -> Path:
+    """Save :func:`build_tiny_model` (``model_kwargs`` passed on) and its tokenizer to ``directory``
+    so that a trainer can load them by path; returns ``directory`` as a ``Path``."""
+    directory = Path(directory)
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer, seed=seed, **model_kwargs).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -13,7 +13,8 @@ trl = pytest.importorskip("trl")
 from packaging.version import Version  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from ess_po.integrations.trl import MODEL_INPUT_KEYS, ESSGRPOTrainer  # noqa: E402
+from ess_po.integrations.trl import ESSGRPOTrainer  # noqa: E402
+from ess_po.integrations.trl.trainer import MODEL_INPUT_KEYS  # noqa: E402
 
 
 def _params(fn) -> list[str]:
@@ -192,14 +193,13 @@ def test_positional_arguments_as_grpo_trainer(tmp_path):
     trainer = ESSGRPOTrainer(build_tiny_model(tok), copy_reward, args, dataset, None, tok)
     assert trainer.args is args and trainer.train_dataset is dataset
     assert trainer.processing_class is tok
-    assert trainer.ess_scope == "batch" and trainer.use_sampling_logps  # ESSGRPOConfig defaults
-    assert trainer.ess_window == "step"
+    assert trainer.ess_scope == "step" and trainer.use_sampling_logps  # ESSGRPOConfig defaults
     # no reward source: TRL's own error, not a TypeError about a missing argument
     with pytest.raises(ValueError, match="No reward source provided"):
         ESSGRPOTrainer(build_tiny_model(tok), None, args, dataset, processing_class=tok)
     # an unknown argument: the TypeError GRPOTrainer raises
     with pytest.raises(TypeError, match="unexpected keyword argument 'ess_scope'"):
-        ESSGRPOTrainer(build_tiny_model(tok), copy_reward, args, ess_scope="batch")
+        ESSGRPOTrainer(build_tiny_model(tok), copy_reward, args, ess_scope="step")
 
 
 def test_ess_config_extends_grpo_config(tmp_path):
@@ -208,9 +208,9 @@ def test_ess_config_extends_grpo_config(tmp_path):
     grpo = {f.name for f in dataclasses.fields(GRPOConfig)}
     ours = {f.name: f.default for f in dataclasses.fields(ESSGRPOConfig) if f.name not in grpo}
     assert ours == {
-        "ess_scope": "batch",
+        "ess_scope": "step",
         "use_sampling_logps": True,
-        "ess_window": "step",
+        "ess_window": None,  # deprecated
         "ess_check_values": False,
     }
     config = ESSGRPOConfig(
@@ -221,32 +221,98 @@ def test_ess_config_extends_grpo_config(tmp_path):
         ESSGRPOConfig(output_dir=str(tmp_path), ess_scope="token", report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="ess_window must be one of"):
         ESSGRPOConfig(output_dir=str(tmp_path), ess_window="epoch", report_to=[], use_cpu=True)
-    # the default window needs steps_per_generation to be a multiple of the accumulation steps;
-    # the error names both fixes
-    split = {"gradient_accumulation_steps": 2, "steps_per_generation": 1}
     common = {"output_dir": str(tmp_path), "report_to": [], "use_cpu": True}
-    with pytest.raises(
-        ValueError, match="must be a multiple of gradient_accumulation_steps"
-    ) as err:
-        ESSGRPOConfig(**common, **split)
-    assert "ess_window='micro_batch'" in str(err.value)
-    assert "steps_per_generation (1)" in str(err.value)
-    # a per-call ESS, or a per-sequence one (the window does not apply), needs nothing
-    assert ESSGRPOConfig(**common, **split, ess_window="micro_batch").ess_window == "micro_batch"
-    assert ESSGRPOConfig(**common, **split, ess_scope="sequence").ess_window == "step"
-    assert ESSGRPOConfig(**common, ess_scope="sequence", ess_window="step").ess_scope == "sequence"
+    # a split where the step's micro-batches are not all generated before its first backward is
+    # accepted at config time (as GRPOConfig accepts it); the trainer falls back to "call"
+    split = {"gradient_accumulation_steps": 2, "steps_per_generation": 1}
+    assert ESSGRPOConfig(**common, **split).ess_scope == "step"
     # TRL's default steps_per_generation (None -> gradient_accumulation_steps) passes
     assert ESSGRPOConfig(**common, gradient_accumulation_steps=4).steps_per_generation == 4
 
 
-def test_plain_grpo_config_gets_the_step_window_check(tmp_path):
-    """A plain GRPOConfig gives ESSGRPOConfig's defaults, the step window's check included."""
+# (old spelling, new ess_scope): a FutureWarning naming the replacement
+_DEPRECATED = [
+    ({"ess_window": "micro_batch"}, "call", "ess_scope='call'"),
+    ({"ess_window": "step"}, "step", "ess_scope='step'"),
+    ({"ess_scope": "batch"}, "step", "ess_scope='step'"),
+    ({"ess_scope": "batch", "ess_window": "micro_batch"}, "call", "ess_scope='call'"),
+    ({"ess_scope": "sequence", "ess_window": "micro_batch"}, "sequence", "ess_scope='call'"),
+]
+
+
+@pytest.mark.parametrize(("old", "scope", "named"), _DEPRECATED)
+def test_old_spellings_warn_and_map(tmp_path, old, scope, named):
+    from ess_po.integrations.trl import ESSGRPOConfig
+
+    with pytest.warns(FutureWarning, match="deprecated") as record:
+        config = ESSGRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **old)
+    assert any(named in str(w.message) for w in record), [str(w.message) for w in record]
+    assert config.ess_scope == scope and config.ess_window is None
+    # the same on a plain GRPOConfig carrying the old attributes
+    args = GRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    for name, value in old.items():
+        setattr(args, name, value)
+    from ess_po.integrations.trl.config import validate_args
+
+    with pytest.warns(FutureWarning, match="deprecated"):
+        assert validate_args(args) == scope
+
+
+def test_contradicting_old_and_new_spellings_raise(tmp_path):
+    from ess_po.integrations.trl import ESSGRPOConfig
+
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="contradict"):
+        ESSGRPOConfig(
+            output_dir=str(tmp_path),
+            report_to=[],
+            use_cpu=True,
+            ess_scope="call",
+            ess_window="step",
+        )
+
+
+def test_plain_grpo_config_falls_back_to_one_ess_per_call(tmp_path):
+    """A plain GRPOConfig gives ESSGRPOConfig's defaults, the step scope's fallback included."""
     from trl_helpers import BASE_CONFIG
 
-    from ess_po.testing.tiny import build_tiny_model, build_tiny_tokenizer, copy_reward
+    from ess_po.testing.tiny import (
+        build_task_dataset,
+        build_tiny_model,
+        build_tiny_tokenizer,
+        copy_reward,
+    )
 
     config = {**BASE_CONFIG, "gradient_accumulation_steps": 2, "steps_per_generation": 1}
     args = GRPOConfig(output_dir=str(tmp_path), **config)
-    model = build_tiny_model(build_tiny_tokenizer())
-    with pytest.raises(ValueError, match="ess_window='micro_batch'"):
-        ESSGRPOTrainer(model, copy_reward, args)
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    with pytest.warns(UserWarning, match="steps_per_generation \\(1\\) is not a multiple") as rec:
+        trainer = ESSGRPOTrainer(model, copy_reward, args, build_task_dataset(16), None, tok)
+    assert "ess_scope='call'" in str(rec[0].message)
+    assert trainer.ess_scope == "call"
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL private state the step scope reads (no public hook exposes a step's buffered micro-batches):
+# GRPOTrainer._buffered_inputs (the generation batch split into steps_per_generation micro-batches)
+# and GRPOTrainer._step (micro-batches trained so far). A TRL change to either fails here.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_private_step_state_we_read(tmp_path):
+    prepare = inspect.getsource(GRPOTrainer._prepare_inputs)
+    assert "self._buffered_inputs[self._step % self.args.steps_per_generation]" in prepare
+    assert "generate_every = self.args.steps_per_generation * self.num_iterations" in prepare
+    assert "self._step % generate_every == 0" in prepare
+    assert "split_tensor_dict(generation_batch, self.args.steps_per_generation)" in prepare
+    step = inspect.getsource(GRPOTrainer.training_step)
+    assert "self._step += 1" in step
+    assert step.index("super().training_step(") < step.index("self._step += 1")  # after the loss
+
+    from trl_helpers import first_inputs, make_trainer
+
+    trainer = make_trainer(tmp_path, per_device_train_batch_size=4, steps_per_generation=2)
+    assert trainer._step == 0 and trainer._buffered_inputs is None
+    inputs = first_inputs(trainer)
+    assert isinstance(trainer._buffered_inputs, list) and len(trainer._buffered_inputs) == 2
+    assert trainer._buffered_inputs[0] is inputs

@@ -1,6 +1,5 @@
-"""``ess_window="step"`` (the default): one ESS over the whole optimizer step, whatever the
-micro-batch split; ``"micro_batch"``: one ESS per loss call; ``ess_scope="sequence"``: the window
-does not apply.
+"""``ess_scope="step"`` (the default): one ESS over the whole optimizer step, whatever the
+micro-batch split; ``"call"``: one ESS per loss call; ``"sequence"``: one ESS per sequence.
 
 The same optimizer steps (16 sequences each: the same generation, the same shuffle) are run by
 TRL's own training loop split into 1, 2, 4 and 8 gradient-accumulation micro-batches, with vLLM-style
@@ -21,7 +20,7 @@ pytest.importorskip("trl")
 from transformers import TrainerCallback
 from trl_helpers import flat_grad, make_trainer, make_vllm_trainer, run_two_processes
 
-import ess_po.integrations.trl as trl_adapter
+import ess_po.integrations.trl.trainer as trl_adapter
 
 SEQUENCES_PER_STEP = 16
 
@@ -34,8 +33,8 @@ class _StepGradients(TrainerCallback):
         self.grads.append(flat_grad(model).clone())
 
 
-def _run(tmp_path, monkeypatch, *, accum: int, window: str | None, **config):
-    """Train 2 steps split into ``accum`` micro-batches; ``window=None``: ESSGRPOConfig's default.
+def _run(tmp_path, monkeypatch, *, accum: int, scope: str | None, **config):
+    """Train 2 steps split into ``accum`` micro-batches; ``scope=None``: ESSGRPOConfig's default.
 
     Returns the ESS of every call as (optimizer step, micro-batch), the step gradients, and
     whether each call passed step statistics to the core.
@@ -51,10 +50,10 @@ def _run(tmp_path, monkeypatch, *, accum: int, window: str | None, **config):
         return out
 
     monkeypatch.setattr(trl_adapter, "ess_policy_loss", recording_loss)
-    if window is not None:
-        config["ess_window"] = window
+    if scope is not None:
+        config["ess_scope"] = scope
     trainer = make_vllm_trainer(
-        tmp_path / f"{window}-{accum}-{len(config)}",
+        tmp_path / f"{scope}-{accum}-{len(config)}",
         per_device_train_batch_size=SEQUENCES_PER_STEP // accum,
         gradient_accumulation_steps=accum,
         num_iterations=2,
@@ -79,11 +78,11 @@ def test_step_window_is_invariant_to_the_micro_batch_split(tmp_path, monkeypatch
     over the current micro-batch only (``range(1)``); the free path on every step
     (``fresh = True``: stale log-probs on the reused batch)."""
     # the reference: one micro-batch per step, per-call ESS = the ESS of the whole step
-    whole, whole_grads, _ = _run(tmp_path, monkeypatch, accum=1, window="micro_batch")
+    whole, whole_grads, _ = _run(tmp_path, monkeypatch, accum=1, scope="call")
     assert whole[0, 0] < 0.99  # step 1: the sampler mismatch (free path)
     assert whole[1, 0] < whole[0, 0]  # step 2: plus one update of drift (pre-pass)
     for accum in (1, 2, 4, 8):
-        ess, grads, _ = _run(tmp_path, monkeypatch, accum=accum, window="step")
+        ess, grads, _ = _run(tmp_path, monkeypatch, accum=accum, scope="step")
         # one ESS per step, shared by its micro-batches, equal to the whole step's
         torch.testing.assert_close(ess, whole.expand(2, accum), rtol=1e-5, atol=1e-6)
         for got, want in zip(grads, whole_grads, strict=True):
@@ -95,8 +94,8 @@ def test_step_window_is_invariant_to_the_micro_batch_split(tmp_path, monkeypatch
 def test_micro_batch_window_depends_on_the_split(tmp_path, monkeypatch):
     """The per-call window (the reference implementation's) is not invariant: with 4
     micro-batches each call sees its own ESS, and the step's gradient changes."""
-    whole, whole_grads, _ = _run(tmp_path, monkeypatch, accum=1, window="micro_batch")
-    split, split_grads, _ = _run(tmp_path, monkeypatch, accum=4, window="micro_batch")
+    whole, whole_grads, _ = _run(tmp_path, monkeypatch, accum=1, scope="call")
+    split, split_grads, _ = _run(tmp_path, monkeypatch, accum=4, scope="call")
     assert (split - whole).abs().max() > 1e-3
     assert _rel(split_grads[1], whole_grads[1]) > 1e-3
 
@@ -104,10 +103,10 @@ def test_micro_batch_window_depends_on_the_split(tmp_path, monkeypatch):
 def test_default_window_is_invariant_to_the_micro_batch_split(tmp_path, monkeypatch):
     """ESSGRPOConfig's default is the step window: 16 sequences per step as 1 x 16 or 4 x 4
     (per_device_train_batch_size and gradient_accumulation_steps both change) give one ESS per
-    step and the same step gradients. Mutation checked: the default ``ess_window="micro_batch"``
+    step and the same step gradients. Mutation checked: the default ``ess_scope="call"``
     fails it."""
-    whole, whole_grads, _ = _run(tmp_path, monkeypatch, accum=1, window=None)
-    split, split_grads, with_stats = _run(tmp_path, monkeypatch, accum=4, window=None)
+    whole, whole_grads, _ = _run(tmp_path, monkeypatch, accum=1, scope=None)
+    split, split_grads, with_stats = _run(tmp_path, monkeypatch, accum=4, scope=None)
     assert all(with_stats)
     assert whole[1, 0] < 0.99  # off-policy: the window matters here
     torch.testing.assert_close(split, whole.expand(2, 4), rtol=1e-5, atol=1e-6)
@@ -118,18 +117,17 @@ def test_default_window_is_invariant_to_the_micro_batch_split(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_sequence_scope_ignores_the_window(tmp_path, monkeypatch):
-    """``ess_scope="sequence"`` with the default window: no step statistics reach the core (it
-    refuses them with a per-sequence ESS), and each sequence's ESS is over its own tokens, so the
-    step gradient is the same for 1 x 16 and 4 x 4 micro-batches and equals the per-call
-    window's. Mutation checked: the trainer passing step statistics whatever the scope (dropping
-    ``self.ess_scope == "batch"``) fails it (the core's ValueError)."""
-    whole, whole_grads, _ = _run(tmp_path, monkeypatch, accum=1, window=None, ess_scope="sequence")
-    _, split_grads, with_stats = _run(
-        tmp_path, monkeypatch, accum=4, window=None, ess_scope="sequence"
-    )
-    _, per_call_grads, _ = _run(
-        tmp_path, monkeypatch, accum=4, window="micro_batch", ess_scope="sequence"
-    )
+    """``ess_scope="sequence"``: no step statistics reach the core (it refuses them with a
+    per-sequence ESS), and each sequence's ESS is over its own tokens, so the step gradient is the
+    same for 1 x 16 and 4 x 4 micro-batches, and the deprecated per-call ``ess_window`` changes
+    nothing. Mutation checked: the trainer passing step statistics whatever the scope fails it
+    (the core's ValueError)."""
+    whole, whole_grads, _ = _run(tmp_path, monkeypatch, accum=1, scope="sequence")
+    _, split_grads, with_stats = _run(tmp_path, monkeypatch, accum=4, scope="sequence")
+    with pytest.warns(FutureWarning, match="ess_window"):  # the old per-call window: ignored
+        _, per_call_grads, _ = _run(
+            tmp_path, monkeypatch, accum=4, scope="sequence", ess_window="micro_batch"
+        )
     assert not any(with_stats)
     assert whole[1, 0] < 0.99
     for got, per_call, want in zip(split_grads, per_call_grads, whole_grads, strict=True):
@@ -179,7 +177,7 @@ def test_step_window_pre_pass_forwards(tmp_path, case):
         max_steps=2,
         **config,
     )
-    assert trainer.ess_window == "step"
+    assert trainer.ess_scope == "step"
     steps: list[int] = []
     policy_logps = trainer._policy_logps
 
@@ -191,3 +189,97 @@ def test_step_window_pre_pass_forwards(tmp_path, case):
     trainer._policy_logps = counting
     trainer.train()
     assert [steps.count(step) for step in range(2)] == expected
+
+
+def test_trl_config_with_steps_per_generation_not_a_multiple_trains(tmp_path, monkeypatch):
+    """TRL's own ``test_prepare_input_called_with_correct_data`` configuration (steps_per_generation
+    4, gradient_accumulation_steps 3, 6 sequences per micro-batch, 4 generations, 2 iterations, no
+    shuffle, 3 epochs over 2 generation batches), which ``GRPOTrainer`` accepts: the step scope
+    cannot see a step's micro-batches before its first backward, so the trainer warns naming the
+    cause and the fix and uses one ESS per loss call; TRL's assertions on the batches hold.
+    Mutation checked: the fallback removed (``step_scope_fallback`` returning the scope) fails it."""
+    from unittest.mock import patch
+
+    from trl import GRPOTrainer
+
+    scopes: list[tuple[str, bool]] = []
+    core = trl_adapter.ess_policy_loss
+
+    def recording_loss(*args, **kwargs):
+        scopes.append((kwargs["ess_scope"], kwargs.get("stats") is not None))
+        return core(*args, **kwargs)
+
+    monkeypatch.setattr(trl_adapter, "ess_policy_loss", recording_loss)
+    with pytest.warns(UserWarning, match=r"steps_per_generation \(4\) is not a multiple") as rec:
+        trainer = make_trainer(
+            tmp_path,
+            n_prompts=12,  # 2 generation batches of 6 prompts x 4 generations
+            learning_rate=0.1,
+            max_completion_length=8,
+            gradient_accumulation_steps=3,
+            steps_per_generation=4,
+            num_generations=4,
+            per_device_train_batch_size=6,
+            num_iterations=2,
+            shuffle_dataset=False,
+            max_steps=-1,
+            num_train_epochs=3,
+            logging_steps=4,
+        )
+    message = str(next(w.message for w in rec if "steps_per_generation (4)" in str(w.message)))
+    assert "gradient_accumulation_steps (3)" in message and "ess_scope='call'" in message
+    assert trainer.ess_scope == "call"
+    rows = [dict(trainer.train_dataset[i]) for i in range(12)]
+    first = [row for row in rows[:6] for _ in range(4)]
+    second = [row for row in rows[6:] for _ in range(4)]
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with patch.object(GRPOTrainer, "training_step", wraps=trainer.training_step) as mock:
+        trainer.train()
+        # 3 epochs * 2 iterations * 2 generation batches * 4 steps_per_generation
+        assert mock.call_count == 48
+        for i in range(8):  # each generation batch is used steps_per_generation * iterations times
+            assert mock.call_args_list[i].args[1] == first
+            assert mock.call_args_list[i + 8].args[1] == second
+    assert len(scopes) == 48 and set(scopes) == {("call", False)}
+    after = list(trainer.model.parameters())
+    assert any(not torch.equal(a.detach(), b) for a, b in zip(after, before, strict=True))
+    ess = [h["ess/mean"] for h in trainer.state.log_history if "ess/mean" in h]
+    assert ess and all(0 < v <= 1 + 1e-6 for v in ess) and min(ess) < 1 - 1e-4
+
+
+def _first_step_gradient(tmp_path, trainer_cls, *, accum: int, bf16: bool) -> torch.Tensor:
+    from ess_po.testing.tiny import build_tiny_model, build_tiny_tokenizer
+
+    trainer = make_trainer(
+        tmp_path / f"{trainer_cls.__name__}-{accum}-{bf16}",
+        trainer_cls=trainer_cls,
+        model=build_tiny_model(build_tiny_tokenizer(), arch="llama"),
+        per_device_train_batch_size=8 // accum,
+        gradient_accumulation_steps=accum,
+        max_steps=1,
+        max_grad_norm=0.0,
+        bf16=bf16,
+    )
+    recorder = _StepGradients()
+    trainer.add_callback(recorder)
+    trainer.train()
+    return recorder.grads[0]
+
+
+@pytest.mark.parametrize("trainer_name", ["GRPOTrainer", "ESSGRPOTrainer"])
+def test_on_policy_split_changes_the_gradient_only_by_rounding(tmp_path, trainer_name):
+    """The same on-policy step (8 sequences, one generation) as 8 x 1 or 2 x 4 micro-batches:
+    in float32 the step gradients agree to float rounding, for TRL's GRPOTrainer and ours; under
+    bf16 autocast (GRPOConfig's default bf16=True, active on CPU too) each micro-batch's backward
+    rounds its contribution to bfloat16 before the float32 accumulation, so the summed gradient
+    depends on the split at bf16 precision (about 1e-3 relative), in both trainers alike."""
+    from trl import GRPOTrainer
+
+    from ess_po.integrations.trl import ESSGRPOTrainer
+
+    cls = {"GRPOTrainer": GRPOTrainer, "ESSGRPOTrainer": ESSGRPOTrainer}[trainer_name]
+    for bf16, low, high in ((False, 0.0, 1e-5), (True, 1e-4, 3e-2)):
+        whole = _first_step_gradient(tmp_path, cls, accum=1, bf16=bf16)
+        split = _first_step_gradient(tmp_path, cls, accum=4, bf16=bf16)
+        assert whole.abs().max() > 0
+        assert low <= _rel(split, whole) < high, (bf16, _rel(split, whole))

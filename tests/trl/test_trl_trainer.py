@@ -3,9 +3,9 @@ handling, and end-to-end training runs for the GRPOConfig features users keep.""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
-import sys
 import warnings
 from pathlib import Path
 
@@ -55,19 +55,19 @@ def _loss_and_grad(trainer, fn, inputs):
 # ---------------------------------------------------------------------------------------------
 # Equality with GRPOTrainer: TRL's own `_compute_loss` on the same inputs, on-policy (ESS = 1),
 # where the gradients must agree. Every case is built so that the line it protects matters, and
-# each was run once against the mutation of integrations/trl.py named beside it, which it fails.
+# each was run once against the mutation of the adapter named beside it, which it fails.
 # ---------------------------------------------------------------------------------------------
 
 EQUALITY_CASES = {
     # num_items_in_batch spans 2 micro-batches: mutation `n = n * accum` (drop
     # `/ steps_per_generation`) and mutation "normaliser = mask.sum()" both fail.
     "dapo": {"steps_per_generation": 2},
-    # GA != steps_per_generation: mutation "swap accum and steps_per_generation" fails. A step
-    # window needs steps_per_generation to be a multiple of GA: one ESS per loss call here.
+    # GA != steps_per_generation: mutation "swap accum and steps_per_generation" fails. The step
+    # scope needs steps_per_generation to be a multiple of GA: one ESS per loss call here.
     "dapo-accum": {
         "gradient_accumulation_steps": 2,
         "steps_per_generation": 1,
-        "ess_window": "micro_batch",
+        "ess_scope": "call",
     },
     # GA = 2 for the rest: mutation "drop `* accum`" in the loss type's branch fails.
     "grpo": {"loss_type": "grpo", "gradient_accumulation_steps": 2},  # mutation: token-mean
@@ -265,7 +265,7 @@ def test_logged_ess_metrics_are_the_core_diagnostics(tmp_path, monkeypatch):
     ``ess/capped_mass`` / ``ess/ratio_min`` equal a float64 formula independent of the core.
     Mutations that fail it: ``ess/ratio_min`` mapped to ``ratio_max``; ``ess/capped_mass`` to
     ``capped_frac``."""
-    import ess_po.integrations.trl as trl_adapter
+    import ess_po.integrations.trl.trainer as trl_adapter
 
     calls = []
     core = trl_adapter.ess_policy_loss
@@ -339,7 +339,7 @@ def test_multimodal_inputs_reach_the_model_as_in_grpo_trainer(tmp_path):
     arguments, same tensors. (The helper is called for real, without those fields, since the
     tiny model is text-only; a tiny vision-language model end to end is not covered.)
     Mutation checked: dropping one key from MODEL_INPUT_KEYS fails it."""
-    from ess_po.integrations.trl import MODEL_INPUT_KEYS
+    from ess_po.integrations.trl.trainer import MODEL_INPUT_KEYS
 
     trainer = make_trainer(tmp_path)
     inputs = dict(first_inputs(trainer))
@@ -444,7 +444,7 @@ def test_train_bf16_model_with_sampler_logps(tmp_path, monkeypatch):
     trains, every ESS metric finite. TRL 1.16 returns float32 log-probs from a bf16 model (its
     log-prob helper computes them in float32), so the core sees float32 on both sides here; bf16
     beside float32 is the core's own test."""
-    import ess_po.integrations.trl as trl_adapter
+    import ess_po.integrations.trl.trainer as trl_adapter
     from ess_po.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
     dtypes = set()
@@ -604,8 +604,8 @@ def test_checkpoint_mid_run_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_share_one_ess(tmp_path):
-    """2 CPU ranks (gloo, torchrun), one ESS per loss call (``ess_window="micro_batch"``; the
-    step window's 2-rank test is in test_trl_step_window.py): ESS is global (identical on both
+    """2 CPU ranks (gloo, torchrun), one ESS per loss call (``ess_scope="call"``; the step
+    scope's 2-rank test is in test_trl_step_window.py): ESS is global (identical on both
     ranks) while each rank's local diagnostics differ; metrics are gathered into the logs
     (``ess/ratio_min``: the minimum over ranks; mutation "ess/ratio_min reduced by the mean"
     fails).
@@ -628,8 +628,10 @@ def test_two_processes_share_one_ess(tmp_path):
 
 @pytest.mark.slow
 def test_demo_script_writes_metrics_and_plot(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
-    import train_tiny_grpo
+    path = Path(__file__).parents[2] / "examples" / "train_tiny_grpo.py"
+    spec = importlib.util.spec_from_file_location("train_tiny_grpo", path)
+    train_tiny_grpo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_tiny_grpo)
 
     summary = train_tiny_grpo.main(
         [

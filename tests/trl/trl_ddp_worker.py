@@ -1,10 +1,9 @@
-"""Worker for tests/test_trl_trainer.py::test_two_processes_share_one_ess (run under torchrun).
+"""Worker for the 2-process TRL tests (run by path under torchrun).
 
 Trains ESSGRPOTrainer for a few steps on 2 CPU ranks (gloo) and writes, per rank, the ESS and
 local behaviour KL that every loss call saw, plus the logged ess/mean, with one ESS per loss call
-(``ess_window="micro_batch"``). With a second argument ``step``: ``ess_window="step"`` with 2
-gradient-accumulation micro-batches per optimizer step
-(tests/test_trl_step_window.py::test_step_window_two_processes).
+(``ess_scope="call"``). With a second argument ``step``: ``ess_scope="step"`` with 2
+gradient-accumulation micro-batches per optimizer step.
 """
 
 from __future__ import annotations
@@ -14,23 +13,18 @@ import os
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-# Python puts this script's folder (tests/) first on sys.path; a test folder named like an
-# installed package (tests/vllm/) would then shadow it inside TRL's imports. Import TRL first.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+# Run by path: Python puts this folder first on sys.path, so the helpers import by name.
+from trl_helpers import logged, make_trainer
 
-import ess_po.integrations.trl as trl_adapter  # noqa: E402
-
-sys.path.append(str(HERE))
-from trl_helpers import logged, make_trainer  # noqa: E402
+import ess_po.integrations.trl.trainer as trl_adapter
 
 torch.set_num_threads(1)
 
 
-def main(out_dir: Path, mode: str = "micro_batch") -> None:
+def main(out_dir: Path, mode: str = "call") -> None:
     seen: dict[str, list[float]] = {"ess": [], "kl_behavior": [], "ratio_min": []}
     core = trl_adapter.ess_policy_loss
 
@@ -45,12 +39,10 @@ def main(out_dir: Path, mode: str = "micro_batch") -> None:
     if mode == "step":
         config = {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4}
         trainer = make_trainer(
-            out_dir / "run", max_steps=2, num_iterations=2, ess_window="step", **config
+            out_dir / "run", max_steps=2, num_iterations=2, ess_scope="step", **config
         )
     else:
-        trainer = make_trainer(
-            out_dir / "run", max_steps=4, num_iterations=2, ess_window="micro_batch"
-        )
+        trainer = make_trainer(out_dir / "run", max_steps=4, num_iterations=2, ess_scope="call")
     assert trainer.accelerator.num_processes == 2, trainer.accelerator.state
     rank = trainer.accelerator.process_index
     before = [p.detach().clone() for p in trainer.model.parameters()]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +12,26 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
 
+from ess_po.testing.processes import run_ranks
 from ess_po.testing.tiny import (
     build_task_dataset,
     build_tiny_model,
     build_tiny_tokenizer,
     copy_reward,
+    save_tiny_model,
 )
+
+__all__ = [
+    "BASE_CONFIG",
+    "StandInVLLM",
+    "first_inputs",
+    "flat_grad",
+    "logged",
+    "make_trainer",
+    "make_vllm_trainer",
+    "run_two_processes",
+    "save_tiny_model",
+]
 
 BASE_CONFIG: dict[str, Any] = {
     "per_device_train_batch_size": 8,
@@ -37,14 +49,6 @@ BASE_CONFIG: dict[str, Any] = {
     "lr_scheduler_type": "constant",
     "bf16": False,  # GRPOConfig defaults to bf16 autocast (also on CPU); tests opt in explicitly
 }
-
-
-def save_tiny_model(directory: Path, seed: int = 0) -> Path:
-    """Save the tiny model + tokenizer so TRL can load it (and a reference copy) by path."""
-    tok = build_tiny_tokenizer()
-    build_tiny_model(tok, seed=seed).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
 
 
 def make_trainer(
@@ -160,48 +164,7 @@ def make_vllm_trainer(output_dir: Path, *, noise: float = 0.3, nan_at=(), **kwar
     return trainer
 
 
-# Variables a parent process (a launcher, an earlier in-process gloo test, a CI job) may carry
-# that would steer the workers' rendezvous or device choice; torchrun sets what the workers need.
-_INHERITED_DIST_ENV = (
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "ROLE_RANK",
-    "NODE_RANK",
-    "CUDA_VISIBLE_DEVICES",
-)
-
-
-def _worker_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in _INHERITED_DIST_ENV
-        and not k.startswith(("TORCHELASTIC_", "ACCELERATE_", "PET_", "TORCH_DISTRIBUTED_"))
-    }
-    # loopback only: no hostname lookup, and gloo binds 127.0.0.1 whatever the host's interfaces
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GLOO_SOCKET_IFNAME="lo")
-    return env
-
-
 def run_two_processes(tmp_path: Path, *worker_args: str) -> list[dict]:
-    """Run tests/trl_ddp_worker.py on 2 gloo ranks; return each rank's JSON record."""
-    worker = Path(__file__).with_name("trl_ddp_worker.py")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",
-        "--local-addr=127.0.0.1",
-        str(worker),
-        str(tmp_path),
-        *worker_args,
-    ]
-    proc = subprocess.run(cmd, env=_worker_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    """Run trl_ddp_worker.py (beside this file) on 2 gloo ranks; return each rank's JSON record."""
+    run_ranks(Path(__file__).with_name("trl_ddp_worker.py"), 2, [tmp_path, *worker_args])
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -1,58 +1,23 @@
-"""``ESSGRPOTrainer``: TRL's ``GRPOTrainer`` with the ESS objective instead of the clipped surrogate.
-
-Usage is a one-line change::
-
-    from ess_po.integrations.trl import ESSGRPOTrainer
-
-    trainer = ESSGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
-
-Generation, rewards, advantages, reference model, PEFT, callbacks, checkpointing and
-evaluation are TRL's, unchanged. Only the policy objective in ``_compute_loss`` differs: the
-per-token log-probabilities are computed with TRL's own ``_get_per_token_logps_and_entropies``
-and passed to :func:`ess_po.ess_policy_loss`. Requires the ``trl`` extra (TRL 1.16).
-
-ESS options (``ess_scope``, ``ess_window``, ``use_sampling_logps``, ``ess_check_values``) are
-fields of :class:`ESSGRPOConfig`, a ``GRPOConfig`` subclass; the trainer's constructor is
-``GRPOTrainer``'s. See ``docs/trl.md`` for the mapping of GRPOConfig options.
-"""
+"""``ESSGRPOTrainer``: TRL's ``GRPOTrainer`` with the ESS objective in its loss hook ``_compute_loss``."""
 
 from __future__ import annotations
 
 import inspect
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-
-try:
-    from trl import GRPOConfig, GRPOTrainer
-    from trl.trainer.utils import nanmax, nanmin
-except ImportError as err:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        'ess_po.integrations.trl needs TRL 1.16: pip install -e ".[trl]" in a checkout of '
-        'ess-po (pip install "ess-po[trl]" once released).'
-    ) from err
+from trl import GRPOTrainer
+from trl.trainer.utils import nanmax, nanmin
 
 from ess_po import ESSStats, ess_policy_loss, step_stats
 from ess_po.aggregation import aggregate
+from ess_po.integrations.trl.config import SUPPORTED_LOSS_TYPES, validate_args
 
-__all__ = ["SUPPORTED_LOSS_TYPES", "ESSGRPOConfig", "ESSGRPOTrainer"]
-
-#: TRL ``loss_type`` values whose *normalisation* ESSGRPOTrainer reproduces (their clipping is
-#: replaced by the ESS objective). Maps to the core's ``loss_agg_mode``.
-SUPPORTED_LOSS_TYPES: dict[str, str] = {
-    "dapo": "token-mean",  # TRL default: tokens of the whole accumulated batch
-    "bnpo": "token-mean",  # tokens of the local micro-batch
-    "dr_grpo": "token-mean",  # fixed B * max_completion_length
-    "grpo": "seq-mean-token-mean",
-    "luspo": "seq-mean-token-sum",
-}
-# loss types that define a different objective rather than a normalisation
-_OTHER_OBJECTIVES = ("cispo", "sapo", "vespo")
+__all__ = ["ESSGRPOTrainer"]
 
 # inputs keys that TRL's `_compute_loss` forwards to `_get_per_token_logps_and_entropies`
-# (multimodal / token-type fields); pinned by tests/test_trl_contract.py
+# (multimodal / token-type fields)
 MODEL_INPUT_KEYS: tuple[str, ...] = (
     "pixel_values",
     "image_grid_thw",
@@ -66,7 +31,7 @@ MODEL_INPUT_KEYS: tuple[str, ...] = (
     "image_position_ids",
 )
 
-# (metric name, core diagnostic, cross-process reduction)
+# (metric name, field of the core's ESSLossOutput, cross-process reduction)
 _ESS_METRICS: tuple[tuple[str, str, str], ...] = (
     ("ess/mean", "ess", "mean"),
     ("ess/min", "ess_min", "min"),
@@ -80,194 +45,36 @@ _ESS_METRICS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-_ESS_SCOPES = ("batch", "sequence")
-_ESS_WINDOWS = ("micro_batch", "step")
-
-
-@dataclass
-class ESSGRPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus the options of the ESS objective (all optional).
-
-    ``ESSGRPOTrainer`` also takes a plain ``GRPOConfig``; the fields below then keep their
-    defaults. Every ``GRPOConfig`` field keeps its meaning (see ``docs/trl.md`` for the mapping).
-
-    Args:
-        ess_scope: ``"batch"`` (default: one ESS over the valid tokens of ``ess_window``, all
-            data-parallel ranks included) or ``"sequence"`` (one ESS per sequence); passed to
-            :func:`ess_po.ess_policy_loss`.
-        use_sampling_logps: when the inputs carry the rollout engine's log-probabilities
-            (``sampling_per_token_logps``: vLLM or a custom rollout), use them as the behaviour
-            policy of the ESS objective (default ``True``). ``False`` keeps TRL's behaviour policy
-            (``old_per_token_logps``) and TRL's importance-sampling ratio as a token weight.
-        ess_window: the tokens one batch ESS is computed over in training. ``"step"``
-            (default): all valid tokens of the optimizer step (every gradient-accumulation
-            micro-batch, every data-parallel rank), computed before the step's first backward
-            (:func:`ess_po.step_stats`), so the ESS and the step's gradient do not depend on
-            ``per_device_train_batch_size`` or the accumulation split. It is free on the first
-            optimizer step after a generation when TRL's ``old_per_token_logps`` are in the inputs
-            or no sampler log-probs are used (the ratios are then in hand), else one no-grad
-            forward per micro-batch. It needs ``steps_per_generation`` to be a multiple of
-            ``gradient_accumulation_steps`` (TRL's default: equal). ``"micro_batch"``: each loss
-            call's tokens, all-reduced over data-parallel ranks, as the authors' reference
-            implementation; the ESS then depends on the micro-batch size. The window applies to
-            ``ess_scope="batch"`` only: with ``"sequence"`` each sequence's ESS is over its own
-            tokens whatever the split, and the window is ignored. Evaluation uses each loss
-            call's tokens (evaluation has no optimizer step).
-        ess_check_values: enable the core's host-syncing value checks (debugging only).
-    """
-
-    ess_scope: str = field(
-        default="batch",
-        metadata={
-            "help": "'batch' (one ESS over the ess_window's tokens, all ranks) or 'sequence' (one ESS per "
-            "sequence)."
-        },
-    )
-    use_sampling_logps: bool = field(
-        default=True,
-        metadata={
-            "help": "Use the rollout engine's log-probabilities as the ESS behaviour policy when present."
-        },
-    )
-    ess_window: str = field(
-        default="step",
-        metadata={
-            "help": "'step' (one ESS per optimizer step) or 'micro_batch' (one ESS per loss call); "
-            "batch scope only."
-        },
-    )
-    ess_check_values: bool = field(
-        default=False,
-        metadata={
-            "help": "Check loss inputs for non-finite values (synchronises with the device)."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _validate_ess_options(self)
-
-
-def _validate_ess_options(args: Any) -> None:
-    scope = getattr(args, "ess_scope", "batch")
-    if scope not in _ESS_SCOPES:
-        raise ValueError(
-            f"ess_scope must be one of {_ESS_SCOPES}, got {scope!r}. Use 'batch' for one ESS over the "
-            "ess_window's tokens or 'sequence' for one ESS per sequence."
-        )
-    window = getattr(args, "ess_window", "step")
-    if window not in _ESS_WINDOWS:
-        raise ValueError(
-            f"ess_window must be one of {_ESS_WINDOWS}, got {window!r}. Use 'step' for one ESS per "
-            "optimizer step or 'micro_batch' for one ESS per loss call."
-        )
-    # A per-sequence ESS does not depend on the split: the window applies to batch scope only.
-    if window == "step" and scope == "batch":
-        spg, accum = args.steps_per_generation, args.gradient_accumulation_steps
-        if spg is not None and spg % accum != 0:
-            raise ValueError(
-                f"ess_window='step' (the default) needs every optimizer step's micro-batches "
-                f"generated before its first backward: steps_per_generation ({spg}) must be a "
-                f"multiple of gradient_accumulation_steps ({accum}). Set steps_per_generation to "
-                f"{accum} (TRL's default) or a multiple of it, or use one ESS per loss call: "
-                "ESSGRPOConfig(ess_window='micro_batch')."
-            )
-
-
-def _validate_args(args: GRPOConfig | None) -> None:
-    """Refuse options that would bypass or contradict the ESS objective; warn on inert ones."""
-    if args is None:  # GRPOTrainer builds a default GRPOConfig: nothing to check
-        return
-    _validate_ess_options(args)
-    if getattr(args, "use_liger_kernel", False):
-        raise ValueError(
-            "ESSGRPOTrainer does not support `use_liger_kernel=True`: a Liger GRPO loss computes the "
-            "clipped objective in its own fused kernel and would bypass the ESS objective (TRL 1.16 "
-            "already limits the flag to layer kernels and deprecates it). Set `use_liger_kernel=False`; "
-            'fused layer kernels remain available via `model_init_kwargs={"use_kernels": True}`.'
-        )
-    if args.loss_type in _OTHER_OBJECTIVES:
-        raise ValueError(
-            f"loss_type={args.loss_type!r} defines its own policy objective, which ESSGRPOTrainer replaces. "
-            f"Use one of {sorted(SUPPORTED_LOSS_TYPES)} to choose the loss normalisation "
-            "(default 'dapo': mean over the tokens of the whole accumulated batch), or use GRPOTrainer."
-        )
-    if args.loss_type not in SUPPORTED_LOSS_TYPES:
-        raise ValueError(
-            f"Unknown loss_type={args.loss_type!r}; ESSGRPOTrainer supports {sorted(SUPPORTED_LOSS_TYPES)}."
-        )
-    if args.importance_sampling_level != "token":
-        raise ValueError(
-            "ESSGRPOTrainer computes token-level ratios with a batch-level ESS; "
-            f"importance_sampling_level={args.importance_sampling_level!r} (GSPO) has no meaning here. "
-            "Set `importance_sampling_level='token'` (for one ESS per sequence use "
-            "`ESSGRPOConfig(ess_scope='sequence')`)."
-        )
-    if args.use_adaptive_entropy:
-        raise ValueError(
-            "ESSGRPOTrainer does not implement TRL's adaptive entropy controller "
-            "(`use_adaptive_entropy=True`). Use a static `entropy_coef` instead."
-        )
-    inert = []
-    if args.epsilon != 0.2:
-        inert.append(f"epsilon={args.epsilon}")
-    if args.epsilon_high is not None:
-        inert.append(f"epsilon_high={args.epsilon_high}")
-    if args.delta is not None:
-        inert.append(f"delta={args.delta}")
-    if inert:
-        warnings.warn(
-            f"ESSGRPOTrainer ignores {', '.join(inert)}: the ESS objective has no clipping range. "
-            "Remove these options to silence this warning.",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
 _GRPO_INIT_SIGNATURE = inspect.signature(GRPOTrainer.__init__)
 
 
 class ESSGRPOTrainer(GRPOTrainer):
     """TRL ``GRPOTrainer`` whose policy objective is the ESS loss (:func:`ess_po.ess_policy_loss`).
 
-    Drop-in: ``__init__`` takes exactly ``GRPOTrainer.__init__``'s parameters (same names, order
-    and defaults; ``tests/test_trl_contract.py`` pins it). ESS options live in
-    :class:`ESSGRPOConfig`; a plain ``GRPOConfig`` gives their defaults. Differences from
-    ``GRPOTrainer``:
+    ``__init__`` takes exactly ``GRPOTrainer.__init__``'s parameters; ESS options live in
+    :class:`ESSGRPOConfig` (a plain ``GRPOConfig`` gives their defaults). Only ``_compute_loss``
+    is overridden. Per valid token, with ``d = logp - logp_old`` and ``w = exp(d)``::
 
-    * Objective. Per token, ``-sg(min(w, ESS)) * A * logp + (1 - ESS) * (d + exp(-d) - 1)`` with
-      ``d = logp - logp_old`` and the ESS of the ratios ``w = exp(d)`` over the valid tokens of the
-      optimizer step (every accumulation micro-batch, all data-parallel ranks: ``ess_window=
-      "step"``, the default), so the update does not depend on how the step is split into
-      micro-batches; ``ess_window="micro_batch"`` takes the tokens of each loss call instead, and
-      ``ess_scope="sequence"`` one ESS per sequence (the window does not apply). On-policy ESS is
-      1 and the gradient equals ``GRPOTrainer``'s (REINFORCE with TRL's advantages and
-      normalisation).
-    * Normalisation follows ``loss_type``: ``"dapo"`` (default: tokens of the whole accumulated
-      batch), ``"bnpo"``, ``"dr_grpo"``, ``"grpo"``, ``"luspo"``. ``"cispo"``, ``"sapo"`` and
-      ``"vespo"`` are different objectives and raise. ``epsilon``, ``epsilon_high`` and ``delta``
-      have no meaning here and trigger one warning.
-    * Behaviour policy (``logp_old`` of the ESS term). When the inputs carry the rollout engine's
-      own log-probabilities (``sampling_per_token_logps``: vLLM or a custom ``rollout_func``) they
-      are ``logp_old`` (``use_sampling_logps=True``, default): the ESS then measures the whole
-      mismatch between the sampler and the policy being trained, and TRL's truncated
-      importance-sampling ratio is *not* applied on top. Tokens whose sampling log-probability is
-      NaN fall back to TRL's ``old_per_token_logps``. With ``use_sampling_logps=False``,
-      ``logp_old`` is TRL's ``old_per_token_logps`` and TRL's ratio weights the policy term, as in
-      ``GRPOTrainer``.
-    * Identical to TRL in both settings: ``off_policy_mask_threshold`` (TRL's mask, computed from
-      ``sampling_per_token_logps`` when present, else ``old_per_token_logps``), the KL to the
-      reference model with ``beta`` and ``use_bias_correction_kl`` (weight
-      ``exp(logp - old_per_token_logps)``), ``top_entropy_quantile`` (multiplies the policy term),
-      a static ``entropy_coef`` bonus, the MoE auxiliary loss, ``mask_truncated_completions`` and
-      tool masks (TRL's completion mask).
-    * Refused with an error naming the fix: ``use_liger_kernel=True``,
-      ``importance_sampling_level="sequence"``, ``use_adaptive_entropy=True``.
-    * Metrics: ``ess/mean``, ``ess/min``, ``ess/capped_frac``, ``ess/capped_mass``,
+        loss_t = -sg(min(w, ESS)) * A * logp + (1 - ESS) * (d + exp(-d) - 1)
+
+    with ``ESS = (sum w)^2 / (n sum w^2)`` over the tokens of ``ess_scope`` (default ``"step"``:
+    every micro-batch and rank of the optimizer step), aggregated with TRL's normalisation for
+    ``loss_type`` (``dapo``, ``bnpo``, ``dr_grpo``, ``grpo``, ``luspo``). On-policy ESS = 1 and
+    the gradient equals ``GRPOTrainer``'s.
+
+    * ``logp_old`` is the rollout engine's ``sampling_per_token_logps`` when present (NaN tokens:
+      TRL's ``old_per_token_logps``) and ``use_sampling_logps`` holds; TRL's importance-sampling
+      ratio is then not applied. Otherwise ``old_per_token_logps`` and TRL's ratio, as TRL.
+    * As TRL: ``off_policy_mask_threshold``, the k3 KL with ``beta`` and
+      ``use_bias_correction_kl``, ``top_entropy_quantile``, a static ``entropy_coef``, the MoE
+      auxiliary loss, truncation and tool masks.
+    * Refused: ``loss_type`` ``cispo``/``sapo``/``vespo``, ``use_liger_kernel=True``,
+      ``importance_sampling_level="sequence"``, ``use_adaptive_entropy=True``. ``epsilon``,
+      ``epsilon_high`` and ``delta`` warn (no clipping range).
+    * Metrics ``ess/mean``, ``ess/min``, ``ess/capped_frac``, ``ess/capped_mass``,
       ``ess/kl_behavior``, ``ess/ratio_mean``, ``ess/ratio_max``, ``ess/ratio_min``,
-      ``ess/regularizer_loss``, plus TRL's ``policy_loss``, ``entropy`` and ``kl``; gathered across
-      processes like TRL's clip ratios (mean; ``ess/min`` and ``ess/ratio_min`` the minimum,
-      ``ess/ratio_max`` the maximum).
+      ``ess/regularizer_loss`` plus TRL's ``policy_loss``, ``entropy``, ``kl``; gathered across
+      processes (mean; ``ess/min``, ``ess/ratio_min``: min; ``ess/ratio_max``: max).
     """
 
     _tag_names: ClassVar[list[str]] = ["trl", "grpo", "ess-po"]
@@ -276,12 +83,11 @@ class ESSGRPOTrainer(GRPOTrainer):
         # Same parameters as GRPOTrainer: bind to its signature (TypeError as GRPOTrainer would
         # raise it), check the config before TRL builds anything, then let TRL do the rest.
         bound = _GRPO_INIT_SIGNATURE.bind(self, *args, **kwargs)
-        _validate_args(bound.arguments.get("args"))
+        scope = validate_args(bound.arguments.get("args"))
         super().__init__(*args, **kwargs)
-        self.ess_scope: str = getattr(self.args, "ess_scope", "batch")
+        self.ess_scope: str = scope  # "step", "call" or "sequence" (after the step fallback)
         self.use_sampling_logps: bool = getattr(self.args, "use_sampling_logps", True)
         self.ess_check_values: bool = getattr(self.args, "ess_check_values", False)
-        self.ess_window: str = getattr(self.args, "ess_window", "step")
         self._ess_step_stats: ESSStats | None = None
         if self.use_vllm and self.vllm_importance_sampling_correction and self.use_sampling_logps:
             warnings.warn(
@@ -361,21 +167,15 @@ class ESSGRPOTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def _step_ess_stats(self) -> ESSStats:
-        """ESS statistics of the optimizer step that starts now (``ess_window="step"``).
+        """ESS statistics of the optimizer step that starts now (``ess_scope="step"``).
 
-        The step's micro-batches are TRL's buffered ``_buffered_inputs[(_step + j) %
-        steps_per_generation]``, ``j < gradient_accumulation_steps`` (all generated already:
-        ``steps_per_generation`` is a multiple of the accumulation steps). Each contributes the
-        log ratios ``log pi_theta - logp_old`` of its valid tokens under the current parameters:
-
-        * free on the first optimizer step after a generation, where the parameters are those
-          that produced TRL's ``old_per_token_logps``: the ratios are ``old - logp_old`` (zero
-          without sampler log-probs, and also when TRL skipped ``old_per_token_logps``);
-        * otherwise from one no-grad forward per micro-batch (``model`` as the loss sees it,
-          dropout included when enabled).
-
-        The statistics are merged over micro-batches and all-reduced over ranks
-        (:func:`ess_po.step_stats`): every rank calls this at the same micro-batch.
+        The step's micro-batches are TRL's ``_buffered_inputs[(_step + j) % steps_per_generation]``
+        for ``j < gradient_accumulation_steps``, all generated already (``steps_per_generation``
+        is a multiple of the accumulation steps). Each contributes ``log pi_theta - logp_old`` of
+        its valid tokens, ``(B, T)``: on the first optimizer step after a generation from the
+        log-probs in hand (``old - logp_old``; zero without them and without sampler log-probs),
+        otherwise from one no-grad forward. Merged over micro-batches and all-reduced over ranks
+        by :func:`ess_po.step_stats`; every rank calls this at the same micro-batch.
         """
         accum = self.current_gradient_accumulation_steps
         spg = self.args.steps_per_generation
@@ -434,11 +234,14 @@ class ESSGRPOTrainer(GRPOTrainer):
         if weights is not None:
             weights = weights.expand_as(mask)
 
-        stats = None
-        if self.ess_window == "step" and self.ess_scope == "batch" and mode == "train":
-            if self._step % self.current_gradient_accumulation_steps == 0:  # the step's first call
-                self._ess_step_stats = self._step_ess_stats()
-            stats = self._ess_step_stats
+        scope, stats = self.ess_scope, None
+        if scope == "step":
+            if mode == "train":
+                if self._step % self.current_gradient_accumulation_steps == 0:  # step's first call
+                    self._ess_step_stats = self._step_ess_stats()
+                stats = self._ess_step_stats
+            else:  # evaluation has no optimizer step
+                scope = "call"
 
         agg_mode, normalizer, log_scale = self._normalisation(inputs, mask, mode)
         out = ess_policy_loss(
@@ -448,7 +251,7 @@ class ESSGRPOTrainer(GRPOTrainer):
             mask,
             loss_agg_mode=agg_mode,
             normalizer=normalizer,
-            ess_scope=self.ess_scope,
+            ess_scope=scope,
             rollout_weights=weights,
             stats=stats,
             check_values=self.ess_check_values,
@@ -480,16 +283,14 @@ class ESSGRPOTrainer(GRPOTrainer):
         if self.aux_loss_enabled:  # MoE router load-balancing loss, as TRL
             loss = loss + self.router_aux_loss_coef * aux_loss / accum
 
-        self._log_ess_metrics(
-            mode, out.metrics(), policy_loss, entropies, per_token_kl, aux_loss, mask
-        )
+        self._log_ess_metrics(mode, out, policy_loss, entropies, per_token_kl, aux_loss, mask)
         return loss
 
     @torch.no_grad()
     def _log_ess_metrics(
         self,
         mode: str,
-        ess_metrics: dict[str, torch.Tensor],
+        out: Any,
         policy_loss: torch.Tensor,
         entropies: torch.Tensor,
         per_token_kl: torch.Tensor | None,
@@ -499,7 +300,7 @@ class ESSGRPOTrainer(GRPOTrainer):
         """One gather and one host transfer for all metrics (TRL gathers its clip ratios the same way)."""
         kl_sum = (per_token_kl * mask).sum() if per_token_kl is not None else mask.new_zeros(())
         aux = aux_loss.detach().float() if aux_loss is not None else mask.new_zeros(())
-        local = [ess_metrics[key].float() for _, key, _ in _ESS_METRICS]
+        local = [getattr(out, key).detach().float() for _, key, _ in _ESS_METRICS]
         local += [
             policy_loss.float(),
             (entropies * mask).sum().float(),
