@@ -317,9 +317,15 @@ def test_examples_render_as_code_and_constants_by_value() -> None:
         kinds = [section.kind.value for section in sections]
         assert "examples" in kinds and "admonition" not in kinds, (name, kinds)
     value = str(package["integrations.verl.VERL_LOSS_AGG_MODES"].value)
-    verl_source = (ROOT / "ess_po" / "integrations" / "verl.py").read_text()
-    core_modes = re.search(r"_CORE_MODE[^=]*= (\{.*?\})", verl_source, re.DOTALL).group(1)
-    assert ast.literal_eval(value) == tuple(ast.literal_eval(core_modes))
+    losses = ast.parse((ROOT / "ess_po" / "integrations" / "verl" / "losses.py").read_text())
+    (assigned,) = (
+        node.value
+        for node in losses.body
+        if isinstance(node, ast.AnnAssign | ast.Assign)
+        and "VERL_LOSS_AGG_MODES"
+        in ast.unparse(node.target if isinstance(node, ast.AnnAssign) else node.targets[0])
+    )
+    assert ast.literal_eval(value) == ast.literal_eval(assigned)
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="apt-get install chromium")
