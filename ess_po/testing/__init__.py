@@ -5,6 +5,11 @@ who want to try the adapters without a model hub:
 
 * :mod:`ess_po.testing.tiny` -- a tiny Qwen2 model, a character tokenizer, a copy/reverse task,
   its reward and a short supervised warm start, all built in code (needs the ``trl`` extra).
+* :mod:`ess_po.testing.batches` -- random right-padded loss inputs with known staleness.
+* :mod:`ess_po.testing.processes` -- the environment scrub for child processes and the launcher
+  of multi-process gloo runs (torchrun, standalone).
+* :mod:`ess_po.testing.verl_harness` -- verl's actor on CPU, for the verl tests and benchmark.
+* :mod:`ess_po.testing.vllm_cpu` -- workarounds for TRL's colocated engine on vLLM's CPU build.
 
 Importing this package imports nothing beyond the standard library.
 """
