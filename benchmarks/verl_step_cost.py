@@ -12,11 +12,10 @@ baseline. The batch: 16 sequences of a tiny Qwen2 (4 prompts x 4 responses, prom
 responses <= 6 tokens) = 2 optimizer steps of 8 sequences; micro-batches of ``--micros``
 sequences; compute dtype ``--dtypes`` (verl's FSDP mixed precision, fp32 parameters).
 
-CPU workarounds: verl assumes a GPU cluster, so this script reuses the test-only workarounds of
-``tests/verl_cpu_support.py`` (CPU platform with gloo, eager attention, FSDP2, no torch.compile,
-``trl`` hidden) and the worker machinery of ``tests/verl_actor_worker.py`` (``build_worker``,
-``make_batch``, ``with_known_offsets``, ``update``), the chain ``tests/test_verl_step.py``
-checks. One process (world size 1).
+CPU workarounds: verl assumes a GPU cluster, so this script runs verl's actor through
+:mod:`ess_po.testing.verl_harness` (CPU platform with gloo, eager attention, FSDP2, no
+torch.compile, ``trl`` hidden; ``build_worker``, ``rollout_batch``, ``with_known_offsets``,
+``update``), the chain the verl tests check. One process (world size 1).
 
 Conditions: ``ess_step`` with known log-ratio offsets (old_log_prob = recomputed minus offsets,
 off-policy, ESS < 1): not what the actor produced, so the pre-pass runs before both optimizer
@@ -86,13 +85,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = "python " + " ".join([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    import verl_actor_worker as vaw
-    import verl_cpu_support as vcs
+    from ess_po.testing import verl_harness as vh
 
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     tmp = Path(tempfile.mkdtemp(prefix="verl_step_cost_"))
-    vcs.setup(tmp / "init")  # before verl's platform is first used
+    vh.setup(tmp / "init")  # before verl's platform is first used
     import torch
     import transformers
     import verl
@@ -100,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from ess_po.integrations.verl import enable_step_scope
 
     torch.set_num_threads(args.threads)
-    tokenizer = vcs.save_tiny_model(
+    tokenizer = vh.save_tiny_model(
         tmp / "model", hidden_size=args.hidden_size, num_layers=args.layers
     )
     enable_step_scope()
@@ -112,10 +109,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         host, batch = hosts[condition]
         if condition[2] != "ess_step_free":
             return batch
-        return batch.union(vaw.old_log_prob(host, batch))
+        return batch.union(vh.old_log_prob(host, batch))
 
     for dtype, micro, mode in conditions:
-        host, _ = vaw.build_worker(
+        host, _ = vh.build_worker(
             tmp / "model",
             "ess_step" if mode == "ess_step_free" else mode,
             lr=0.0,
@@ -123,12 +120,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             extra=[f"+actor_rollout_ref.actor.fsdp_config.mixed_precision={{param_dtype:{dtype}}}"],
         )
         if mode == "ess_step_free":
-            hosts[dtype, micro, mode] = (host, vaw.make_batch(tokenizer))
+            hosts[dtype, micro, mode] = (host, vh.rollout_batch(tokenizer))
         else:
-            batch, offsets = vaw.with_known_offsets(host, vaw.make_batch(tokenizer), offsets)
+            batch, offsets = vh.with_known_offsets(host, vh.rollout_batch(tokenizer), offsets)
             hosts[dtype, micro, mode] = (host, batch)
         for _ in range(args.warmup):
-            vaw.update(host, batch_for((dtype, micro, mode)))
+            vh.update(host, batch_for((dtype, micro, mode)))
 
     seconds: dict[tuple, list[float]] = {c: [] for c in conditions}
     recompute: dict[tuple, list[float]] = {(d, m): [] for d in args.dtypes for m in args.micros}
@@ -147,14 +144,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 recompute_free[condition[:2]].append(time.perf_counter() - start)
             forwards = host.forward_only_calls
             start = time.perf_counter()
-            metrics = vaw.update(host, batch)
+            metrics = vh.update(host, batch)
             seconds[condition].append(time.perf_counter() - start)
             prepass_forwards[condition].append(host.forward_only_calls - forwards)
             logged_ess[condition] = metrics.get("actor/ess", float("nan"))
             logged_free[condition] = metrics.get("actor/ess_step_free", float("nan"))
             if condition[2] == "ess":  # verl's old_log_prob recompute, the same for every mode
                 start = time.perf_counter()
-                vaw.old_log_prob(host, batch)
+                vh.old_log_prob(host, batch)
                 recompute[condition[:2]].append(time.perf_counter() - start)
         print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
 
@@ -252,8 +249,8 @@ def markdown(result: dict[str, Any]) -> str:
             else "."
         ),
         "",
-        "Setup: verl 0.9.1's FSDP2 actor on the CPU in one process (test-only workarounds of "
-        "`tests/verl_cpu_support.py`), tiny Qwen2 "
+        "Setup: verl 0.9.1's FSDP2 actor on the CPU in one process (workarounds of "
+        "`ess_po.testing.verl_harness`), tiny Qwen2 "
         f"(hidden {s['hidden_size']}, {s['layers']} layers); one actor update = "
         "`RayPPOTrainer._update_actor` on 16 sequences = 2 optimizer steps of 8; policy frozen "
         "(lr 0). `ess_step`: old_log_prob = recomputed minus known log-ratio offsets, so the "
