@@ -8,9 +8,9 @@ callback, the first ``--warmup`` steps are dropped, and each run contributes its
 time (generation steps and reuse steps alike, as a user experiences them). Reported: the median over repetitions of the per-repetition ratio ESS / GRPO, and its
 spread (min, max), with torch/trl/transformers versions, device and thread count.
 
-``ess`` is ``ESSGRPOTrainer`` with ``ess_window="micro_batch"`` (one ESS per loss call);
-``--trainers ess,ess-step,grpo`` adds ``ess_window="step"`` (one ESS per optimizer step, the
-default window) and splits step times by kind: *generation* steps (the first optimizer step after
+``ess`` is ``ESSGRPOTrainer`` with ``ess_scope="call"`` (one ESS per loss call);
+``--trainers ess,ess-step,grpo`` adds ``ess_scope="step"`` (one ESS per optimizer step, the
+default) and splits step times by kind: *generation* steps (the first optimizer step after
 a generation, where the step statistics come free from TRL's recomputed log-probs) and *reuse*
 steps (later iterations over the batch, where they cost one no-grad forward per micro-batch).
 
@@ -66,8 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 TRAINERS = {
-    "ess": 'ESSGRPOTrainer, ess_window="micro_batch"',
-    "ess-step": 'ESSGRPOTrainer, ess_window="step"',
+    "ess": 'ESSGRPOTrainer, ess_scope="call"',
+    "ess-step": 'ESSGRPOTrainer, ess_scope="step"',
     "grpo": "GRPOTrainer (dapo)",
 }
 
@@ -83,10 +83,8 @@ def run_once(trainer_name: str, args: argparse.Namespace, workdir: Path) -> list
 
     tokenizer = tiny.build_tiny_tokenizer()
     model = tiny.build_tiny_model(tokenizer, hidden_size=args.hidden_size, seed=args.seed)
-    # Both windows explicit, so the figures do not move when the default does.
-    extra = {"ess": {"ess_window": "micro_batch"}, "ess-step": {"ess_window": "step"}}.get(
-        trainer_name, {}
-    )
+    # Both scopes explicit, so the figures do not move when the default does.
+    extra = {"ess": {"ess_scope": "call"}, "ess-step": {"ess_scope": "step"}}.get(trainer_name, {})
     config = (ESSGRPOConfig if trainer_name != "grpo" else GRPOConfig)(
         output_dir=str(workdir / trainer_name),
         per_device_train_batch_size=args.batch_size,

@@ -5,6 +5,8 @@ Run it from the root of a checkout:
     python examples/train_tiny_grpo.py --output-dir outputs/tiny_grpo
     python examples/train_tiny_grpo.py --trainer both   # and TRL's GRPOTrainer as a baseline
 
+Needs the `demo` extra (TRL and matplotlib): `pip install -e ".[demo]"`.
+
 It builds a 2-layer Qwen2-style model (hidden 64) and a character tokenizer in code, gives the
 model a short supervised warm start, then trains it with ESSGRPOTrainer on pattern completion
 ("cab=" -> "cde", reward = fraction of characters right). Each generation batch serves

@@ -316,3 +316,17 @@ def test_private_step_state_we_read(tmp_path):
     inputs = first_inputs(trainer)
     assert isinstance(trainer._buffered_inputs, list) and len(trainer._buffered_inputs) == 2
     assert trainer._buffered_inputs[0] is inputs
+
+
+def test_readme_trl_example_is_the_docs_one():
+    """The README's TRL example is the block the docs tests run (docs/trl.md, not skipped)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("\n## TRL\n") :]
+    block = section[section.index("```python\n") + 10 : section.index("\n```", 10) + 1]
+    assert "use_cpu=True" in block
+    guide = (root / "docs" / "trl.md").read_text()
+    at = guide.index(block)
+    assert "skip:" not in guide[:at].rstrip().rsplit("\n", 2)[-1]
