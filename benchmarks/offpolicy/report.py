@@ -375,7 +375,7 @@ def _legend(fig, axes) -> int:
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    ncol = min(len(labels), 8 if axes.shape[1] > 1 else 3)
+    ncol = max(1, min(len(labels), 8 if axes.shape[1] > 1 else 3))
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     return -(-len(labels) // ncol)  # legend rows
 

@@ -135,6 +135,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--note", default="", help="free text recorded beside the wall time")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the finished runs of <out>/runs.jsonl and run only the missing cells",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="CI smoke: 2 seeds, 10 steps, 3 conditions, 8 methods + 2 micro-batch variants",
@@ -351,17 +356,33 @@ def run_parts(
     )
     names = ", ".join(f"{p.name} ({sum(p in o for o in owners.values())})" for p in parts)
     print(f"{len(cells)} runs: {names}; {len(seeds)} seeds", flush=True)
-    jobs = [(pcfg, c, m, s, states[(pcfg, s)]) for pcfg, c, m, s in cells]
     runs: dict[str, list[dict[str, Any]]] = {p.name: [] for p in parts}
+    # Every finished run is appended to runs.jsonl; --resume skips the cells found there.
+    log = Path(args.out) / "runs.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if args.resume and log.exists():
+        done = {_key(r): r for r in map(json.loads, log.read_text().splitlines()) if r}
+        for key, run in done.items():
+            for part in owners.get(key, []):
+                runs[part.name].append(run)
+        print(f"resumed {len(done)} finished runs from {log}", flush=True)
+    elif log.exists():
+        log.unlink()
+    cells = [x for x in cells if (x[0].task, x[1].name, x[2].name, x[3]) not in done]
+    jobs = [(pcfg, c, m, s, states[(pcfg, s)]) for pcfg, c, m, s in cells]
     for finished, run in enumerate(pool.imap_unordered(_cell_job, jobs), 1):
         mine = owners[_key(run)]
         for part in mine:
             runs[part.name].append(run)
+        with log.open("a") as f:
+            f.write(json.dumps(run, separators=(",", ":")) + "\n")
         if args.snapshot_every and finished % args.snapshot_every == 0 and finished < len(jobs):
             env["wall_seconds"] = round(time.perf_counter() - t0, 1)
-            env["partial"] = f"{finished} of {len(jobs)} runs"
+            env["partial"] = f"{finished + len(done)} of {len(jobs) + len(done)} runs"
             for p in parts:
-                _finish(p, cfg, seeds, env, runs[p.name])
+                if runs[p.name]:
+                    _finish(p, cfg, seeds, env, runs[p.name])
         print(
             f"[{finished}/{len(jobs)} {time.perf_counter() - t0:6.0f}s] {mine[0].name:<10} "
             f"{run['condition']:<24} {run['method']:<14} seed {run['seed']}: "
