@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any
 
 import torch
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum")
-ESS_SCOPES = ("batch", "sequence")
+from ess_po.types import ESS_SCOPES, ESSStats
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -99,7 +99,7 @@ def check_loss_inputs(
 def check_normalizer(
     normalizer: Any, loss_agg_mode: str, device: torch.device
 ) -> float | torch.Tensor | None:
-    """The normalizer as a Python float or a detached 0-dim tensor (metadata checks only).
+    """The normalizer as a Python number or a detached 0-dim tensor (metadata checks only).
 
     A Python number stays a Python number: dividing by it passes it to the kernel as an
     argument, where building a tensor from it would be a host-to-device copy.
@@ -121,20 +121,60 @@ def check_normalizer(
             )
         # A CPU one-element tensor is used as a scalar by kernels on any device: no copy.
         return normalizer.detach().reshape(())
-    ok = isinstance(normalizer, numbers.Real) and not isinstance(normalizer, bool)
-    value = float(normalizer) if ok else math.nan
-    if not (math.isfinite(value) and value > 0):
+    # Comparisons only (no float(), no math.isfinite): under torch.compile a Python int that
+    # changes between calls arrives as a symbolic int, and these stay in the graph as guards.
+    if isinstance(normalizer, bool) or not isinstance(
+        normalizer, numbers.Real | torch.SymInt | torch.SymFloat
+    ):
+        ok = False
+    elif isinstance(normalizer, int | torch.SymInt):
+        ok = normalizer > 0
+    else:
+        ok = 0 < normalizer < math.inf  # NaN fails both comparisons
+    if not ok:
+        # A symbolic number cannot be formatted while compiling; an eager call shows the value.
+        got = "" if torch.compiler.is_compiling() else f", got {normalizer!r}"
         raise ValueError(
-            f"normalizer must be a finite positive number (tokens or sequences in the optimizer "
-            f"batch, summed over micro-batches and ranks), got {normalizer!r}."
+            "normalizer must be a finite positive number (tokens or sequences in the optimizer "
+            "batch, summed over micro-batches and ranks)" + got + "."
         )
-    return value
+    # numpy scalars become Python floats; ints and symbolic numbers are divided by as they are.
+    symbolic = isinstance(normalizer, int | torch.SymInt | torch.SymFloat)
+    return normalizer if symbolic else float(normalizer)
+
+
+def resolve_scope(ess_scope: str | None, stats: Any) -> str:
+    """The ESS scope a call runs with: ``None`` means ``"step"`` with ``stats``, else ``"call"``.
+
+    The old name ``"batch"`` (one ESS over the call's tokens, or over ``stats``) still works and
+    warns."""
+    if ess_scope == "batch":
+        new = "call" if stats is None else "step"
+        warnings.warn(
+            f"ess_scope='batch' is deprecated; it is ess_scope={new!r} here ('call': one ESS per "
+            "loss call; 'step': one ESS over precomputed step statistics, stats=...).",
+            FutureWarning,
+            stacklevel=4,
+        )
+        return new
+    if ess_scope is None:
+        return "call" if stats is None else "step"
+    check_choice("ess_scope", ess_scope, ESS_SCOPES)
+    if ess_scope == "step" and stats is None:
+        raise ValueError(
+            "ess_scope='step' needs the step's statistics: pass stats=step_stats(...) (every "
+            "micro-batch and rank of the optimizer step), or use ess_scope='call'."
+        )
+    if ess_scope == "call" and stats is not None:
+        raise ValueError(
+            "stats= gives one ESS over the statistics' tokens (the step scope); pass "
+            "ess_scope='step' (or leave ess_scope unset), or drop stats for one ESS per call."
+        )
+    return ess_scope
 
 
 def check_stats(stats: Any, ess_scope: str, device: torch.device) -> None:
     """Metadata checks for precomputed ``stats`` (see :func:`ess_po.step_stats`)."""
-    from ess_po.ess import ESSStats  # deferred: ess imports this module
-
     if not isinstance(stats, ESSStats):
         raise ValueError(
             f"stats must be an ESSStats (from ess_po.ess_stats / step_stats), got "
@@ -143,7 +183,7 @@ def check_stats(stats: Any, ess_scope: str, device: torch.device) -> None:
     if ess_scope == "sequence":
         raise ValueError(
             "stats cannot be used with ess_scope='sequence' (each sequence has its own ESS); use "
-            "ess_scope='batch' or drop stats."
+            "ess_scope='step' or drop stats."
         )
     for name, t in stats._asdict().items():
         if not isinstance(t, torch.Tensor) or t.dim() != 0:

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from ess_po._validation import check_dim, check_tensor
+from ess_po.types import ESSStats
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -44,65 +44,7 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-class ESSStats(NamedTuple):
-    r"""Log-space sufficient statistics of importance ratios :math:`w_t = e^{\ell_t}`.
-
-    With a shift :math:`s` (the largest log ratio), ``log_s1`` :math:`= \log\sum_t e^{\ell_t - s}`
-    and ``log_s2`` :math:`= \log\sum_t e^{2(\ell_t - s)}`, so :math:`\log\sum_t w_t = s +`
-    ``log_s1`` and :math:`\log\mathrm{ESS} = 2\,` ``log_s1`` :math:`-` ``log_s2`` :math:`-\log n`:
-    the shift cancels, so equal ratios give ESS = 1 exactly, whatever their size.
-
-    Attributes:
-        shift: the shift :math:`s` (0 when there are no valid tokens).
-        log_s1: shifted log-sum of ratios; ``-inf`` when there are no valid tokens.
-        log_s2: shifted log-sum of squared ratios; ``-inf`` when there are no valid tokens.
-        count: number of valid tokens :math:`n` (floating point).
-
-    All fields have the same shape: ``()`` for a batch, ``(B,)`` per sequence. Pass batch
-    statistics (``()``) to :func:`ess_po.ess_policy_loss` as ``stats=`` to use an ESS computed
-    over more tokens than the call holds (the step scope, see :func:`step_stats`).
-    """
-
-    shift: torch.Tensor
-    log_s1: torch.Tensor
-    log_s2: torch.Tensor
-    count: torch.Tensor
-
-    @property
-    def log_sum_w(self) -> torch.Tensor:
-        r""":math:`\log \sum_t w_t`."""
-        return self.shift + self.log_s1
-
-    def merge(self, other: ESSStats) -> ESSStats:
-        """Statistics of the union of two disjoint sets of tokens (exact, in log space)."""
-        both = torch.maximum(self.shift, other.shift)
-        shift = torch.where(
-            self.count > 0, torch.where(other.count > 0, both, self.shift), other.shift
-        )
-        da, db = self.shift - shift, other.shift - shift
-        return ESSStats(
-            shift,
-            torch.logaddexp(self.log_s1 + da, other.log_s1 + db),
-            torch.logaddexp(self.log_s2 + 2.0 * da, other.log_s2 + 2.0 * db),
-            self.count + other.count,
-        )
-
-    def log_ess(self) -> torch.Tensor:
-        r""":math:`\log \mathrm{ESS}` in ``[-log n, 0]``; 0 (ESS = 1) when there are no tokens."""
-        n = self.count
-        log_n = torch.log(n.clamp(min=1.0))
-        raw = 2.0 * self.log_s1 - self.log_s2 - log_n
-        # Clamp away rounding outside the mathematical range (NaN stays NaN); n = 0 means
-        # "nothing to correct".
-        raw = torch.minimum(torch.maximum(raw, -log_n), torch.zeros_like(raw))
-        return torch.where(n > 0, raw, torch.zeros_like(raw))
-
-    def ess(self) -> torch.Tensor:
-        """The normalized effective sample size, in ``[1/n, 1]``."""
-        return self.log_ess().exp()
-
-
-def reduce_or(x: torch.Tensor, op: str, dim: int | None, empty: float) -> torch.Tensor:
+def reduce_nonempty(x: torch.Tensor, op: str, dim: int | None, empty: float) -> torch.Tensor:
     """``x.amax``/``x.amin`` over ``dim`` (all of ``x`` for ``None``), ``empty`` where the reduced
     set is empty. torch refuses to reduce an empty dimension; the shape is metadata, so this
     branch costs nothing."""
@@ -127,7 +69,7 @@ def masked_stats(
     """
     dim = None if dim is None else dim % log_ratio.dim()
     masked = torch.where(valid, log_ratio, float("-inf"))
-    shift = reduce_or(masked, "amax", dim, float("-inf"))
+    shift = reduce_nonempty(masked, "amax", dim, float("-inf"))
     # Empty sets have a max of -inf: shift them by 0 so that exp(-inf - 0) = 0, not NaN.
     shift = torch.where(shift == float("-inf"), 0.0, shift)
     # exp of the -inf padding is several times slower than of a finite number on CPU, so the

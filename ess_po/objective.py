@@ -18,26 +18,18 @@ the gradient, while a NaN or inf at a valid position propagates to the loss valu
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from ess_po._validation import (
-    ESS_SCOPES,
-    check_choice,
     check_loss_inputs,
     check_loss_values,
     check_stats,
+    resolve_scope,
 )
-from ess_po.ess import (
-    ESSStats,
-    all_reduce_stats,
-    autocast_off,
-    compute_dtype,
-    masked_stats,
-    reduce_or,
-)
+from ess_po.ess import all_reduce_stats, autocast_off, compute_dtype, masked_stats, reduce_nonempty
+from ess_po.types import ESSLossOutput, ESSScope, ESSStats
 
 #: Below ``d = -REGULARIZER_LINEAR_TAIL`` the regulariser :math:`k_3(d) = d + e^{-d} - 1` is
 #: continued by its tangent line, so value and gradient stay finite and the gradient keeps
@@ -47,66 +39,9 @@ from ess_po.ess import (
 #: exceed the median token's by orders of magnitude; the value is under study.
 REGULARIZER_LINEAR_TAIL: float = 50.0
 
-#: Names of the 0-dim diagnostics of :class:`ESSTokenLoss`.
-DIAGNOSTICS = (
-    "ess",
-    "ess_min",
-    "capped_frac",
-    "capped_mass",
-    "kl_behavior",
-    "ratio_mean",
-    "ratio_max",
-    "ratio_min",
-    "num_tokens",
-)
-
-
-class ESSTokenLoss(NamedTuple):
-    """The per-token ESS objective (:func:`ess_token_loss`) and its diagnostics.
-
-    Attributes:
-        loss: ``(B, T)`` per-token loss ``policy_loss + regularizer_loss``; exactly 0 at masked
-            positions. Aggregate it as you like (e.g. verl's ``agg_loss``); the gradient of
-            any aggregate is the gradient of the ESS objective with the ESS held constant.
-        policy_loss: ``(B, T)`` policy term :math:`-\\rho_t c_t A_t \\log\\pi_\\theta(t)`.
-        regularizer_loss: ``(B, T)`` regulariser term :math:`(1 - \\mathrm{ESS})\\, k_3(d_t)`.
-        ess: 0-dim; the ESS used (batch scope: of the statistics, e.g. all ranks; sequence
-            scope: mean over non-empty sequences).
-        ess_min: 0-dim; smallest per-sequence ESS (equals ``ess`` in batch scope).
-        capped_frac: fraction of valid tokens whose ratio exceeds ESS (weight capped to ESS).
-        capped_mass: share of the ratio mass the cap removes,
-            :math:`\\sum_t (w_t - \\rho_t) / \\sum_t w_t` over valid tokens: 0 on-policy, near 0
-            when the capped ratios exceed ESS only by rounding, 1 when one ratio dominates.
-        kl_behavior: mean over valid tokens of :math:`k_3(d_t)` (with the linear tail), the
-            regulariser's estimate of the divergence between current and behaviour policy.
-        ratio_mean: mean ratio over valid tokens.
-        ratio_max: largest ratio over valid tokens (saturates at float32's largest number).
-        ratio_min: smallest ratio over valid tokens: how far into the regulariser's tail the
-            batch reaches (below :math:`e^{-L}`, :data:`REGULARIZER_LINEAR_TAIL`, the linear part).
-        num_tokens: number of valid tokens in this call.
-
-    Diagnostics are detached 0-dim float32 tensors, local to the call except ``ess``.
-    """
-
-    loss: torch.Tensor
-    policy_loss: torch.Tensor
-    regularizer_loss: torch.Tensor
-    ess: torch.Tensor
-    ess_min: torch.Tensor
-    capped_frac: torch.Tensor
-    capped_mass: torch.Tensor
-    kl_behavior: torch.Tensor
-    ratio_mean: torch.Tensor
-    ratio_max: torch.Tensor
-    ratio_min: torch.Tensor
-    num_tokens: torch.Tensor
-
-    def metrics(self) -> dict[str, torch.Tensor]:
-        """The 0-dim diagnostics (all fields but the ``(B, T)`` terms and ``num_tokens``).
-
-        No host synchronisation: convert to floats once, where the framework logs.
-        """
-        return {name: getattr(self, name) for name in DIAGNOSTICS if name != "num_tokens"}
+ESSTokenLoss = ESSLossOutput
+"""The result type of :func:`ess_token_loss`: :class:`ESSLossOutput` with ``(B, T)`` loss terms
+(kept as a name for older imports)."""
 
 
 def k3(d: torch.Tensor) -> torch.Tensor:
@@ -125,7 +60,7 @@ def _combine_shifted(stats: ESSStats, shifted: torch.Tensor) -> torch.Tensor:
     """``sum_g exp(shift_g) * shifted_g / sum_g exp(shift_g) * s1_g`` over the groups of
     ``stats`` (one in batch scope, the rows in sequence scope) without leaving log space."""
     nonempty = stats.count > 0
-    top = reduce_or(torch.where(nonempty, stats.shift, float("-inf")), "amax", None, 0.0)
+    top = reduce_nonempty(torch.where(nonempty, stats.shift, float("-inf")), "amax", None, 0.0)
     scale = torch.where(nonempty, torch.exp(stats.shift - top), 0.0)
     num = (scale * shifted).sum()
     den = (scale * torch.exp(stats.log_s1)).sum()
@@ -142,7 +77,7 @@ def _token_terms(
     process_group: dist.ProcessGroup | None,
     sync_ess: bool,
     stats: ESSStats | None,
-) -> ESSTokenLoss:
+) -> ESSLossOutput:
     cdtype = compute_dtype(logp_new, logp_old, advantages, rollout_weights)
     valid = mask if mask.dtype == torch.bool else mask != 0
     # Sanitise first: masked positions hold 0 from here on, whatever they held (NaN, ±inf), so
@@ -181,7 +116,21 @@ def _token_terms(
         diagnostics = _diagnostics(
             local, shifted, valid, w, ess, log_ess, reg_k3, per_sequence, d_const
         )
-    return ESSTokenLoss(policy + regularizer, policy, regularizer, *diagnostics)
+    ess_mean, ess_min, capped_frac, capped_mass, kl, r_mean, r_max, r_min, n = diagnostics
+    return ESSLossOutput(
+        policy + regularizer,
+        ess_mean,
+        ess_min,
+        capped_frac,
+        kl,
+        r_mean,
+        r_max,
+        policy,
+        regularizer,
+        n,
+        capped_mass,
+        r_min,
+    )
 
 
 def _diagnostics(
@@ -205,7 +154,7 @@ def _diagnostics(
         ess_mean = torch.where(
             nonempty.any(), torch.where(nonempty, ess_rows, 0.0).sum() / n_seq, 1.0
         )
-        ess_min = reduce_or(torch.where(nonempty, ess_rows, 1.0), "amin", None, 1.0)
+        ess_min = reduce_nonempty(torch.where(nonempty, ess_rows, 1.0), "amin", None, 1.0)
         log_sum_w = torch.logsumexp(local.log_sum_w, dim=0) if local.count.numel() else n.log()
         cap_level = torch.exp(log_ess - local.shift.unsqueeze(-1))  # ESS in shifted units
         excess = torch.relu(shifted - cap_level).sum(dim=-1)
@@ -214,11 +163,11 @@ def _diagnostics(
         log_sum_w = local.log_sum_w
         excess = torch.relu(shifted - torch.exp(log_ess - local.shift)).sum()
     capped = (valid & (w > ess)).sum()
-    shift_max = reduce_or(
+    shift_max = reduce_nonempty(
         torch.where(local.count > 0, local.shift, float("-inf")), "amax", None, 0.0
     )
     ratio_max = torch.where(has_tokens, torch.exp(shift_max), 1.0)
-    ratio_min = torch.exp(reduce_or(torch.where(valid, d, float("inf")), "amin", None, 0.0))
+    ratio_min = torch.exp(reduce_nonempty(torch.where(valid, d, float("inf")), "amin", None, 0.0))
     ratio_mean = torch.where(has_tokens, torch.exp(log_sum_w - torch.log(n_safe)), 1.0)
     # Ratios beyond float32's range (log ratio > 88) are reported saturated, not as inf.
     fmax = torch.finfo(torch.float32).max
@@ -242,13 +191,13 @@ def ess_token_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    ess_scope: str = "batch",
+    ess_scope: ESSScope | None = None,
     rollout_weights: torch.Tensor | None = None,
     process_group: dist.ProcessGroup | None = None,
     sync_ess: bool = True,
     stats: ESSStats | None = None,
     check_values: bool = False,
-) -> ESSTokenLoss:
+) -> ESSLossOutput:
     r"""The per-token ESS objective, ``(B, T)``, with the ESS held constant, and its diagnostics.
 
     .. math::
@@ -262,7 +211,7 @@ def ess_token_loss(
     gives the same value and gradient.
 
     Returns:
-        :class:`ESSTokenLoss`: ``loss``, ``policy_loss`` and ``regularizer_loss`` of shape
+        :class:`~ess_po.ESSLossOutput`: ``loss``, ``policy_loss`` and ``regularizer_loss`` of shape
         ``(B, T)`` (0 at masked positions, in float32, float64 if an input is float64) and
         0-dim float32 diagnostics.
 
@@ -276,7 +225,7 @@ def ess_token_loss(
         >>> out.ess, out.capped_mass
         (tensor(1.), tensor(0.))
     """
-    check_choice("ess_scope", ess_scope, ESS_SCOPES)
+    ess_scope = resolve_scope(ess_scope, stats)
     check_loss_inputs(logp_new, logp_old, advantages, mask, rollout_weights)
     if stats is not None:
         check_stats(stats, ess_scope, logp_new.device)

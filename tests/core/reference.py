@@ -24,7 +24,7 @@ def naive_ess_loss(
     *,
     loss_agg_mode: str = "token-mean",
     normalizer: float | None = None,
-    ess_scope: str = "batch",
+    ess_scope: str = "call",
     rollout_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The loss as a float64 scalar, differentiable w.r.t. ``logp_new`` by autograd."""
@@ -36,7 +36,7 @@ def naive_ess_loss(
     c = torch.ones(B, T, dtype=torch.float64) if rollout_weights is None else rollout_weights
     c = c.double()
     d_det = (lp - lo).detach()
-    if ess_scope == "batch":
+    if ess_scope == "call":
         ess = naive_ess(d_det, m).expand(B)
     else:
         ess = torch.stack([naive_ess(d_det[b], m[b]) for b in range(B)])

@@ -25,7 +25,7 @@ from ess_po import effective_sample_size, ess_policy_loss, ess_stats, ess_token_
 from ess_po.testing.batches import make_batch
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"]
-SCOPES = ["batch", "sequence"]
+SCOPES = ["call", "sequence"]
 ADV_SHAPES = ["B", "B1", "BT"]
 
 
@@ -310,9 +310,10 @@ def test_loss_runs_on_meta_device(mode, scope, normalizer, no_torch_tensor) -> N
         assert value.device.type == "meta"
     tok = ess_token_loss(lp, lo, adv, mask, ess_scope=scope)
     assert tok.loss.shape == (B, T)
-    if scope == "batch":
+    if scope == "call":
         stats = ess_stats(lo, mask)
-        ess_policy_loss(lp, lo, adv, mask, stats=stats, **kwargs).loss.backward()
+        step = kwargs | {"ess_scope": "step"}
+        ess_policy_loss(lp, lo, adv, mask, stats=stats, **step).loss.backward()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -321,7 +322,7 @@ def test_no_sync_on_cuda(scope: str) -> None:
     b = make_batch(4, 16, seed=0, dtype=torch.float32)
     lp = b.logp_new.detach().cuda().requires_grad_(True)
     args = (b.logp_old.cuda(), b.advantages.cuda(), b.mask.cuda())
-    stats = ess_stats(lp.detach() - args[0], args[2]) if scope == "batch" else None
+    stats = ess_stats(lp.detach() - args[0], args[2]) if scope == "call" else None
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -365,7 +366,7 @@ def test_capped_mass_and_ratio_min_match_naive(scope: str) -> None:
     out = ess_policy_loss(b.logp_new, b.logp_old, b.advantages, b.mask, ess_scope=scope)
     d = (b.logp_new - b.logp_old).detach()
     w_all = d.exp()
-    if scope == "batch":
+    if scope == "call":
         ess = (w_all[b.mask].sum() ** 2 / (b.mask.sum() * (w_all[b.mask] ** 2).sum())).expand(5, 9)
     else:
         rows = []
@@ -485,3 +486,33 @@ def test_masked_junk_never_matters(B, T, adv_shape, scope, mode, junk_a, junk_b,
         assert torch.equal(getattr(out, name), getattr(clean, name)), name
     assert torch.equal(g, g_clean)
     assert torch.isfinite(out.loss) and (g[~mask] == 0).all()
+
+
+@pytest.mark.slow
+def test_fullgraph_compile_with_changing_python_normalizer() -> None:
+    """verl passes a different Python int normaliser on every micro-batch: one compiled function
+    must take three normalisers and two shapes without a graph break (``fullgraph=True``) and
+    agree with eager. Fails with a ``float()``/``math.isfinite`` check of the normaliser."""
+    torch._dynamo.reset()
+
+    def f(lp, lo, adv, mask, n):
+        return ess_policy_loss(lp, lo, adv, mask, normalizer=n).loss
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=None)
+    for shape, normalizers in (((4, 16), (40, 57, 63)), ((6, 24), (40, 101, 7))):
+        b = make_batch(*shape, seed=shape[0], dtype=torch.float32)
+        for n in normalizers:
+            lp = b.logp_new.detach().requires_grad_(True)
+            got = compiled(lp, b.logp_old, b.advantages, b.mask, n)
+            got.backward()
+            lp_e = b.logp_new.detach().requires_grad_(True)
+            want = f(lp_e, b.logp_old, b.advantages, b.mask, n)
+            want.backward()
+            torch.testing.assert_close(got, want)
+            torch.testing.assert_close(lp.grad, lp_e.grad)
+    # A bad normaliser still stops the call: fullgraph turns our ValueError into dynamo's
+    # error, which carries the message; without fullgraph it is the ValueError itself.
+    with pytest.raises(Exception, match="normalizer must be a finite positive number"):
+        compiled(lp, b.logp_old, b.advantages, b.mask, 0)
+    with pytest.raises(ValueError, match="normalizer must be a finite positive number"):
+        torch.compile(f)(lp, b.logp_old, b.advantages, b.mask, -3)

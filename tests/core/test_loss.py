@@ -13,7 +13,7 @@ from ess_po import ess_policy_loss, ess_stats
 from ess_po.testing.batches import make_batch
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"]
-SCOPES = ["batch", "sequence"]
+SCOPES = ["call", "sequence"]
 
 
 def _grad(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
