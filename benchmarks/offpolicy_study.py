@@ -1,6 +1,6 @@
 """Entry point of the off-policy study; the code lives in ``benchmarks/offpolicy/``.
 
-    python benchmarks/offpolicy_study.py                    # full study -> docs/results/offpolicy
+    python benchmarks/offpolicy_study.py --seeds 2          # stale-rollout study -> docs/results/offpolicy/{map,confirm}
     python benchmarks/offpolicy_study.py --quick --out DIR  # CI smoke (< 3 min)
     python benchmarks/offpolicy_study.py --replot           # rebuild tables and plots
 
@@ -10,12 +10,7 @@ the committed results.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from offpolicy.study import main
+from offpolicy.study import main  # benchmarks/ is on the path: this script's folder
 
 if __name__ == "__main__":
     main()

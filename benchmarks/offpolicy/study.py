@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from offpolicy import report
+from offpolicy import report, selection
 from offpolicy.conditions import (
     CONDITIONS,
     CONFIRM_CONDITIONS,
@@ -219,8 +219,32 @@ NOTES = {
 
 def _write(result: dict[str, Any], out: Path, part: str) -> None:
     (out / "results.json").write_text(json.dumps(result, separators=(",", ":")))
-    (out / "results.md").write_text(report.markdown(result, NOTES[part]))
+    text = report.markdown(result, NOTES[part])
+    if part in ("map", "confirm"):
+        text += "\n" + "\n".join(selection.markdown(result)) + "\n"
+        selection.plot_sensitivity(result, out)
+    (out / "results.md").write_text(text)
     report.plot(result, out)
+
+
+def write_decision(out: Path) -> None:
+    """``<out>/decision.md``: the selection rule over both tasks, once both have results."""
+    paths = {name: out / name / "results.json" for name in ("map", "confirm")}
+    if not all(p.exists() for p in paths.values()):
+        return
+    results = {name: json.loads(p.read_text()) for name, p in paths.items()}
+    partial = [n for n, r in results.items() if r["environment"].get("partial")]
+    lines = [
+        "# Stale-rollout study: the decision",
+        "",
+        "Rule: SELECTION_RULE.md (committed before the runs). Tasks: `map` (the learning-rate x "
+        "staleness map, results in map/) and `confirm` (the confirmation task, in confirm/).",
+        "",
+        *([f"**Partial results in {', '.join(partial)}.**", ""] if partial else []),
+        *selection.decision(results),
+        "",
+    ]
+    (out / "map" / "decision.md").write_text("\n".join(lines))
 
 
 def replot(out: Path) -> None:
@@ -242,6 +266,7 @@ def replot(out: Path) -> None:
             "%Y-%m-%d %H:%M UTC"
         )
         _write(result, path.parent, result.get("part", "main"))
+    write_decision(out)
 
 
 ABLATION_CONDITIONS = ("temp-2.0", "fp8-stale-4-ep2", "stale-32-ep2")
@@ -394,6 +419,7 @@ def run_parts(
     env["wall_seconds"] = round(time.perf_counter() - t0, 1)
     env.pop("partial", None)
     results = {p.name: _finish(p, cfg, seeds, env, runs[p.name]) for p in parts}
+    write_decision(Path(args.out))
     print(f"wrote {', '.join(str(p.out) for p in parts)} in {env['wall_seconds']:.0f}s")
     return results
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +12,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from offpolicy import conditions as C
 from offpolicy import methods as M
-from offpolicy import report, study, train
+from offpolicy import proximal, report, study, train
 
 from ess_po import ess_policy_loss
 
@@ -268,3 +265,114 @@ def test_library_step_scope_makes_micro_batched_updates_exact():
         (grads[name],) = torch.autograd.grad(loss, logp)
     torch.testing.assert_close(grads["ess-mb1-step"], grads["ess-whole"], rtol=1e-9, atol=1e-12)
     assert not torch.allclose(grads["ess-mb1-call"], grads["ess-whole"], rtol=1e-3, atol=1e-6)
+
+
+# --------------------------------------------------------------- stale-rollout candidates
+
+
+def _proximal_case(seed: int = 3):
+    new, old, adv, mask = _batch(seed)
+    # Keep log-ratios moderate: the candidates are compared with the library in float64.
+    new = (old + (new.detach() - old).clamp(-3.0, 3.0)).requires_grad_(True)
+    g = torch.Generator().manual_seed(seed + 1)
+    prox = old + 0.3 * torch.randn(old.shape, generator=g, dtype=torch.float64)
+    return new, old, prox, adv, mask
+
+
+def _grad(loss, x):
+    (g,) = torch.autograd.grad(loss, x)
+    return g
+
+
+@pytest.mark.parametrize("kind", M.PROXIMAL_KINDS)
+def test_candidates_reduce_to_the_paper_when_prox_is_behaviour(kind):
+    """pi_prox = mu: every candidate is the library's P3O objective (value and gradient)."""
+    new, old, _, adv, mask = _proximal_case()
+    loss, _ = proximal.proximal_loss(kind, new, old, old, adv, mask)
+    ref = ess_policy_loss(new, old, adv, mask)
+    torch.testing.assert_close(loss, ref.loss)
+    torch.testing.assert_close(_grad(loss, new), _grad(ref.loss, new))
+
+
+@pytest.mark.parametrize("kind", ["p4o"])
+def test_p4o_reduces_to_the_paper_with_one_update_per_batch(kind):
+    """pi_prox = pi_theta (the first update on a batch): ESS_prox = 1, pi_mix = mu, P4O = P3O."""
+    new, old, _, adv, mask = _proximal_case()
+    loss, _ = proximal.proximal_loss(kind, new, old, new.detach(), adv, mask)
+    ref = ess_policy_loss(new, old, adv, mask)
+    torch.testing.assert_close(loss, ref.loss)
+    torch.testing.assert_close(_grad(loss, new), _grad(ref.loss, new))
+
+
+@pytest.mark.parametrize("kind", [*M.PROXIMAL_KINDS, "decoupled-clip"])
+def test_candidates_are_reinforce_on_policy(kind):
+    """pi_theta = pi_prox = mu: the gradient is REINFORCE's, -A / N per valid token."""
+    new, _, _, adv, mask = _proximal_case()
+    lp = new.detach().requires_grad_(True)
+    same = lp.detach()
+    if kind == "decoupled-clip":
+        loss = proximal.decoupled_clip(lp, same, same, adv, mask)
+    else:
+        loss, _ = proximal.proximal_loss(kind, lp, same, same, adv, mask)
+    want = -adv.unsqueeze(-1).expand_as(lp) * mask / mask.sum()
+    torch.testing.assert_close(_grad(loss, lp), want.to(lp.dtype))
+
+
+def _naive_ess(d, mask):
+    w = d.detach()[mask].exp()
+    return w.sum() ** 2 / (w.numel() * (w * w).sum())
+
+
+def _naive_k3(d):
+    return d + torch.exp(-d) - 1
+
+
+@pytest.mark.parametrize("kind", M.PROXIMAL_KINDS)
+def test_candidates_match_their_float64_formula(kind):
+    """Each candidate against its formula written out naively in float64 (no shifts)."""
+    new, old, prox, adv, mask = _proximal_case(seed=5)
+    loss, _ = proximal.proximal_loss(kind, new, old, prox, adv, mask)
+    d_b, d_p = new - old, new - prox
+    ess_b, ess_p = _naive_ess(d_b, mask), _naive_ess(d_p, mask)
+    a = adv.unsqueeze(-1)
+    if kind == "p4o":
+        m = torch.minimum(ess_b, ess_p)
+        rho = torch.minimum(d_b.detach().exp(), m)
+        u_b, u_p = 1 - ess_b, 1 - ess_p
+        mix = (u_b * old.exp() + u_p * prox.exp()) / (u_b + u_p)
+        per = -rho * a * new + (1 - m) * _naive_k3(new - mix.log())
+    elif kind == "prox":
+        per = -torch.minimum(d_b.detach().exp(), ess_b) * a * new + (1 - ess_b) * _naive_k3(d_p)
+    else:
+        v = (prox - old).exp()
+        ess_v = _naive_ess(prox - old, mask)
+        rho = torch.minimum(v, ess_v) * torch.minimum(d_p.detach().exp(), ess_p)
+        per = -rho * a * new + (1 - ess_p) * _naive_k3(d_p)
+    want = per[mask].sum() / mask.sum()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(_grad(loss, new), _grad(want, new))
+
+
+def test_candidates_differ_off_the_reduction():
+    """With pi_prox != mu the candidates are different objectives (no silent fallback)."""
+    new, old, prox, adv, mask = _proximal_case(seed=7)
+    values = {
+        k: float(proximal.proximal_loss(k, new, old, prox, adv, mask)[0].detach()) for k in M.PROXIMAL_KINDS
+    }
+    values["ess"] = float(ess_policy_loss(new, old, adv, mask).loss.detach())
+    assert len({round(v, 9) for v in values.values()}) == len(values), values
+
+
+@pytest.mark.parametrize("method", ["ess-prox-vcpo", "ess-dec", "decoupled-clip", "ess-p4o"])
+def test_map_methods_run(init_state, method):
+    cond = C.Condition("lr-stale", staleness=1, epochs=2, lr=2e-3)
+    run = train.run_cell(CFG, cond, M.MAP_METHODS[method], 0, init_state)
+    _check_run(run, CFG.steps)
+    if method.startswith("ess-") and method != "ess-vcpo":
+        assert len(run["ess_prox"]) == CFG.steps
+
+
+def test_sort_task_targets():
+    cfg = dataclasses.replace(CFG, task="sort", alphabet="abcdefgh", prompt_len=6)
+    rows = train.task_rows(cfg, 20, seed=0)
+    assert all(r["answer"] == "".join(sorted(r["prompt"][:-1])) for r in rows)
