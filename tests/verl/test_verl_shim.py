@@ -7,7 +7,6 @@ float64 (``assert_close`` defaults: rtol 1e-7, atol 1e-7); one test runs in floa
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ from torch.testing import assert_close
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
 shim = pytest.importorskip("ess_po.integrations.verl")
+from ess_po.testing.processes import child_env, run_ranks  # noqa: E402
 
 MODES = (
     "token-mean",
@@ -127,13 +127,6 @@ def reference_token_loss(
 # ----------------------------------------------------------------------------- registration
 
 
-def _fresh_env(update: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_USE_EXTERNAL")}
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(update)
-    return env
-
-
 _PROBE = """
     import sys
     assert "ess_po" not in sys.modules
@@ -160,7 +153,7 @@ def fresh_probes() -> dict[str, tuple[int, str, str]]:
     procs = {
         route: subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(_PROBE)],
-            env=_fresh_env(update),
+            env=child_env(**update),
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -514,8 +507,9 @@ def test_verl_ppo_loss_end_to_end(actor_config: Any) -> None:
 
 _GLOO_WORKER = """
     import os, sys, torch, torch.distributed as dist
-    rank, world, init_file, out_dir = int(sys.argv[1]), 2, sys.argv[2], sys.argv[3]
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    out_dir = sys.argv[1]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
     shard = torch.load(os.path.join(out_dir, f"shard{rank}.pt"))
     info = torch.load(os.path.join(out_dir, "info.pt"))
@@ -535,22 +529,10 @@ _GLOO_WORKER = """
 
 
 def run_two_gloo_ranks(script: str, tmp_path: Path, timeout: int = 240) -> None:
-    """Run ``python -c script RANK INIT_FILE TMP_PATH`` as ranks 0 and 1 of a gloo group (fresh
-    interpreters, one thread each) and fail with the stderr tail of a rank that fails."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", script, str(r), str(tmp_path / "init"), str(tmp_path)],
-            env=_fresh_env({}),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=timeout)
-        assert p.returncode == 0, err[-3000:]
+    """Run ``script`` (Python source) as ranks 0 and 1 of a gloo group
+    (:func:`ess_po.testing.processes.run_ranks`) with ``tmp_path`` as its argument."""
+    (tmp_path / "worker.py").write_text(script)
+    run_ranks(tmp_path / "worker.py", 2, [tmp_path], timeout=timeout, cwd=REPO)
 
 
 @pytest.mark.slow

@@ -36,7 +36,6 @@ Mutation checked: the ``ess_step`` loss (``losses.make_policy_loss``) passing ``
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +45,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 from verl_actor_worker import run_actor_worker
+
+from ess_po.testing.processes import child_env
 
 pytest.importorskip("verl.trainer.ppo.core_algos")
 pytest.importorskip("ess_po.integrations.verl")
@@ -143,7 +144,7 @@ def test_env_var_installs_the_step_worker_and_ess_step_needs_it() -> None:
     """``ESS_PO_VERL_STEP_SCOPE=1`` in a worker's environment makes ``import verl`` (through the
     plugin) install the pre-pass worker; ``ess_step`` without step statistics raises a
     ValueError naming the fix. Without the variable verl's own worker class stays."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VERL_USE", "ESS_PO_"))}
+    env = child_env(ESS_PO_VERL_STEP_SCOPE=None)
     outs = {}
     for flag in ("1", ""):
         proc = subprocess.run(
@@ -166,8 +167,9 @@ def test_env_var_installs_the_step_worker_and_ess_step_needs_it() -> None:
 
 _TWO_RANK_WORKER = """
 import os, sys, torch, torch.distributed as dist
-rank, init_file, out_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+out_dir = sys.argv[1]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
 import ess_po.integrations.verl as shim
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 

@@ -15,13 +15,14 @@ Mutation checked: making ``trl_conflict`` return None unconditionally fails
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from ess_po.testing.processes import child_env
 
 pytest.importorskip("verl")
 pytest.importorskip("trl")
@@ -69,8 +70,7 @@ _PROBE = """
 
 @pytest.fixture(scope="module")
 def probes() -> dict[str, dict]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_USE_EXTERNAL")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = child_env()
     procs = {
         case: subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(_PROBE), case],

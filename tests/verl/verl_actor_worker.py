@@ -30,7 +30,6 @@ defaults: AdamW, FSDP mixed precision with bf16 compute and fp32 parameters / re
 
 from __future__ import annotations
 
-import os
 import pickle
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ess_po.testing import verl_harness as vh
+from ess_po.testing.processes import child_env, run_ranks
 from ess_po.testing.verl_harness import (
     LossSpy,
     build_worker,
@@ -57,15 +57,13 @@ REPO = SCRIPT.parents[2]
 
 
 def run_actor_worker(out_dir: Path, *args: str, timeout: int) -> dict[str, Any]:
-    """Run this script ``OUT_DIR *args`` in a fresh interpreter (no external verl modules, one
-    thread) and load the ``result.pt`` it writes."""
+    """Run this script ``OUT_DIR *args`` in a fresh interpreter (the scrubbed environment of
+    :func:`ess_po.testing.processes.child_env`) and load the ``result.pt`` it writes."""
     import torch
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_USE_EXTERNAL")}
-    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(out_dir), *args],
-        env=env,
+        env=child_env(),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -77,32 +75,11 @@ def run_actor_worker(out_dir: Path, *args: str, timeout: int) -> dict[str, Any]:
 
 
 def run_actor_ranks(out_dir: Path, world: int, *, timeout: int) -> list[dict[str, Any]]:
-    """Run this script ``OUT_DIR ranks`` as ``world`` gloo processes and load the ``rank{r}.pt``
-    each writes.
-
-    torchrun's standalone rendezvous on a port the OS picks, on 127.0.0.1, the parent's
-    distributed variables removed (and verl's external-module variables), one thread per
-    process, a wall-clock timeout; the workers leave through a barrier. On failure the
-    launcher's output tail is the assertion message."""
+    """Run this script ``OUT_DIR ranks`` as ``world`` gloo ranks
+    (:func:`ess_po.testing.processes.run_ranks`) and load the ``rank{r}.pt`` each writes."""
     import torch
-    from trl_helpers import _worker_env  # the TRL 2-rank test's scrubbed environment
 
-    env = {k: v for k, v in _worker_env().items() if not k.startswith("VERL_USE_EXTERNAL")}
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={world}",
-        "--standalone",
-        "--local-addr=127.0.0.1",
-        str(SCRIPT),
-        str(out_dir),
-        "ranks",
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+    run_ranks(SCRIPT, world, [out_dir, "ranks"], timeout=timeout, cwd=REPO)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import torch
 
-from ess_po import ess_token_loss
+from ess_po import ESSScope, ess_token_loss
 
 from .step_scope import STEP_LOSS_NAME, STEP_SCOPE_ENV, StepScope
 
@@ -46,8 +46,17 @@ _COUNT_KEY: Final = {
     "seq-mean-token-sum-norm": "global_batch_size",
     "seq-mean-token-mean": "global_batch_size",
 }
-# The loss parts are inside verl's own actor/pg_loss; a token count is no diagnostic.
-_NOT_LOGGED: Final = ("policy_loss", "regularizer_loss", "num_tokens")
+#: The core diagnostics logged (the metrics table of the verl guide), in verl's names.
+_LOGGED: Final = {
+    "ess": "actor/ess",
+    "ess_min": "actor/ess_min",
+    "capped_frac": "actor/ess_capped_frac",
+    "capped_mass": "actor/ess_capped_mass",
+    "kl_behavior": "actor/ess_kl_behavior",
+    "ratio_mean": "actor/ess_ratio_mean",
+    "ratio_max": "actor/ess_ratio_max",
+    "ratio_min": "actor/ess_ratio_min",
+}
 
 
 def global_batch_info(config: Any) -> Mapping[str, Any]:
@@ -104,17 +113,8 @@ def verl_metrics(metrics: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     Values stay detached 0-dim tensors: verl 0.9 wraps them in ``verl.utils.metric.Metric``,
     which calls ``.item()`` itself, so the loss adds no host sync.
     """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in metrics.items():
-        if key not in _NOT_LOGGED:
-            out[f"actor/{key if key.startswith('ess') else f'ess_{key}'}"] = value
-    return out
+    return {name: metrics[key] for key, name in _LOGGED.items()}
 
-
-# TEMPORARY until the core names its scopes "call" / "step" / "sequence".
-from ess_po._validation import ESS_SCOPES as _ESS_SCOPES  # noqa: E402
-
-_CORE_SCOPE = {} if "call" in _ESS_SCOPES else {"call": "batch", "step": "batch"}
 
 _NO_STEP_STATS: Final = (
     f"policy_loss.loss_mode={STEP_LOSS_NAME} needs the ESS statistics of the optimizer step, "
@@ -125,7 +125,7 @@ _NO_STEP_STATS: Final = (
 )
 
 
-def make_policy_loss(ess_scope: str, scope: StepScope, name: str) -> PolicyLoss:
+def make_policy_loss(ess_scope: ESSScope, scope: StepScope, name: str) -> PolicyLoss:
     """A verl policy loss with one ESS per ``ess_scope`` (``"call"``, ``"step"``, ``"sequence"``).
 
     The returned function has verl's signature ``(old_log_prob, log_prob, advantages,
@@ -155,7 +155,7 @@ def make_policy_loss(ess_scope: str, scope: StepScope, name: str) -> PolicyLoss:
             old_log_prob,
             advantages,
             response_mask,
-            ess_scope=_CORE_SCOPE.get(ess_scope, ess_scope),
+            ess_scope=ess_scope,
             rollout_weights=rollout_is_weights,
             process_group=scope.process_group(),
             stats=stats if step else None,
