@@ -11,9 +11,9 @@ workarounds needed on a CPU are listed in ``ess_po.testing.verl_harness``.
 
 Mutations checked (each made once by hand, the named test failed, then reverted):
 
-* shim ``verl_aggregation``: ``normalizer = None`` for token-mean (local instead of verl's global
-  token count) -> ``test_on_policy_step_gradients_equal_vanilla`` fails (max relative gradient
-  difference 0.39).
+* the loss dropping ``global_batch_info`` (local instead of verl's global token count) ->
+  ``test_on_policy_step_gradients_equal_vanilla`` fails (max relative gradient difference 0.39,
+  measured with the former aggregation code).
 * worker: bypass run keeps the recomputed old_log_probs instead of the ones the v1 trainer stored
   -> ``test_bypass_mode_hands_rollout_log_probs_to_the_ess_loss`` fails.
 """
