@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Second cell of the version matrix: the TRL path with the newest transformers and accelerate
 # that TRL 1.16 accepts (constraints-latest.txt), in its own venv (.venv-latest), without verl
-# (verl 0.9.1 caps transformers<5.11). Runs the TRL contract test (failing if it skips), then
-# the whole suite (the verl and docs modules skip). The first cell is .ci/run's main .venv
-# (constraints.txt).
+# (verl 0.9.1 caps transformers<5.11). Installs the demo extra (TRL plus matplotlib, which the
+# demo's test and the off-policy study's plot test need) and the test extra. Runs the TRL
+# contract test (failing if it skips), then the whole suite (the verl and docs modules skip).
+# The first cell is .ci/run's main .venv (constraints.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +15,7 @@ python3 -m venv .venv-latest
 python -m pip install -q --upgrade pip
 
 echo "== install (constraints-latest.txt) ($SECONDS s)"
-pip install -q -c constraints-latest.txt -e ".[trl,test]"
+pip install -q -c constraints-latest.txt -e ".[demo,test]"
 
 echo "== versions"
 expected=$(sed -n 's/^transformers==//p' constraints-latest.txt)
@@ -41,7 +42,7 @@ done
 
 echo "== TRL contract test (must run here, not skip) ($SECONDS s)"
 log=$(mktemp)
-python -m pytest -q -p no:cacheprovider -rs tests/test_trl_contract.py | tee "$log"
+python -m pytest -q -p no:cacheprovider -rs tests/trl/test_trl_contract.py | tee "$log"
 if grep -q SKIPPED "$log"; then
     echo "the TRL contract test skipped in this cell" >&2
     exit 1

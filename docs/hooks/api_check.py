@@ -1,4 +1,4 @@
-"""Checks shared by the docs build (``mkdocs_hooks.py``) and ``tests/test_docs.py``.
+"""Checks shared by the docs build (``mkdocs_hooks.py``) and ``tests/docs/test_docs.py``.
 
 Static only (``ast`` + griffe): nothing here imports TRL, verl or torch.
 """

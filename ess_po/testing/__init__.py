@@ -3,7 +3,7 @@
 Like ``torch.testing``, this package serves ess-po's own tests, benchmarks and demo, and users
 who want to try the adapters without a model hub:
 
-* :mod:`ess_po.testing.tiny` -- a tiny Qwen2 model, a character tokenizer, a copy/reverse task,
+* :mod:`ess_po.testing.tiny` -- a tiny Qwen2 model, a character tokenizer, a successor/copy task,
   its reward and a short supervised warm start, all built in code (needs the ``trl`` extra).
 * :mod:`ess_po.testing.batches` -- random right-padded loss inputs with known staleness.
 * :mod:`ess_po.testing.processes` -- the environment scrub for child processes and the launcher

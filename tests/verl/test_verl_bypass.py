@@ -1,7 +1,7 @@
 """verl 0.9.1's rollout-correction bypass mode and ``loss_mode`` (issue 10, items 7 and 8).
 
 The actor-level check (the v1 trainer hands the rollout log-probs to the ESS loss as
-old_log_prob) is ``tests/test_verl_actor.py::test_bypass_mode_hands_rollout_log_probs_to_the_ess_loss``.
+old_log_prob) is ``tests/verl/test_verl_actor.py::test_bypass_mode_hands_rollout_log_probs_to_the_ess_loss``.
 These fast tests pin which trainer rewrites ``loss_mode``: only the deprecated v0 trainer.
 """
 
