@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from ess_po.integrations.verl import enable_step_scope
 
     torch.set_num_threads(args.threads)
-    tokenizer = vh.save_tiny_model(
-        tmp / "model", hidden_size=args.hidden_size, num_layers=args.layers
-    )
+    tokenizer = vh.save_model(tmp / "model", hidden_size=args.hidden_size, num_layers=args.layers)
     enable_step_scope()
     conditions = [(d, m, mode) for d in args.dtypes for m in args.micros for mode in MODES]
     hosts, offsets = {}, None

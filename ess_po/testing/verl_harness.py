@@ -140,19 +140,13 @@ def compose(overrides: list[str]) -> Any:
         return hydra_compose(config_name="ppo_trainer", overrides=overrides)
 
 
-def save_tiny_model(
-    path: Path, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2
-) -> Any:
-    """Tiny Qwen2 + character tokenizer saved to ``path`` (verl loads models by path)."""
-    from ess_po.testing.tiny import build_tiny_model, build_tiny_tokenizer
+def save_model(path: Path, **model_kwargs: Any) -> Any:
+    """:func:`ess_po.testing.tiny.save_tiny_model` at ``path`` (verl loads models by path): a
+    Qwen2 of hidden size 32 unless ``model_kwargs`` say otherwise. Returns its tokenizer."""
+    from ess_po.testing.tiny import build_tiny_tokenizer, save_tiny_model
 
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(
-        tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=4, seed=seed
-    )
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return tokenizer
+    save_tiny_model(path, **{"hidden_size": 32, **model_kwargs})
+    return build_tiny_tokenizer()
 
 
 def overrides(

@@ -106,7 +106,9 @@ def test_inputs_keys_are_produced_by_trl():
 
 
 def test_inputs_keys_at_runtime(tmp_path):
-    from trl_helpers import first_inputs, make_trainer, save_tiny_model
+    from trl_helpers import first_inputs, make_trainer
+
+    from ess_po.testing.tiny import save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "model")
     trainer = make_trainer(tmp_path, model=str(model_dir), beta=0.1, num_iterations=2)

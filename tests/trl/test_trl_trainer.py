@@ -22,10 +22,10 @@ from trl_helpers import (
     make_trainer,
     make_vllm_trainer,
     run_two_processes,
-    save_tiny_model,
 )
 
 from ess_po import ess_policy_loss
+from ess_po.testing.tiny import save_tiny_model
 
 ESS_KEYS = (
     "ess/mean",

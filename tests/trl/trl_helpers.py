@@ -18,7 +18,6 @@ from ess_po.testing.tiny import (
     build_tiny_model,
     build_tiny_tokenizer,
     copy_reward,
-    save_tiny_model,
 )
 
 __all__ = [
@@ -30,7 +29,6 @@ __all__ = [
     "make_trainer",
     "make_vllm_trainer",
     "run_two_processes",
-    "save_tiny_model",
 ]
 
 BASE_CONFIG: dict[str, Any] = {

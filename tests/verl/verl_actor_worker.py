@@ -137,7 +137,7 @@ def main_step_scope(out_dir: Path) -> None:
     vh.setup(tmp / "init")
     from ess_po.integrations.verl import enable_step_scope
 
-    tokenizer = vh.save_tiny_model(tmp / "model")
+    tokenizer = vh.save_model(tmp / "model")
     enable_step_scope()
     spy = LossSpy(["ess", "ess_step"])
     result: dict[str, Any] = {"runs": {}}
@@ -192,7 +192,7 @@ def main_free_path(out_dir: Path) -> None:
     vh.setup(tmp / "init")
     from ess_po.integrations.verl import enable_step_scope
 
-    tokenizer = vh.save_tiny_model(tmp / "model")
+    tokenizer = vh.save_model(tmp / "model")
     enable_step_scope()
     spy = LossSpy(["ess_step"])
     result: dict[str, Any] = {"runs": {}}
@@ -304,7 +304,7 @@ def main_ranks(out_dir: Path) -> None:
     from ess_po.integrations.verl import enable_step_scope
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    tokenizer = vh.save_tiny_model(tmp / "model")
+    tokenizer = vh.save_model(tmp / "model")
     enable_step_scope()
     spy = LossSpy(["ess", "ess_step"])
     result: dict[str, Any] = {"runs": {}, "world": world, "rank": rank}
@@ -363,7 +363,7 @@ def main(out_dir: Path) -> None:
     t0 = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="verl_actor_"))
     vh.setup(tmp / "init")
-    tokenizer = vh.save_tiny_model(tmp / "model")
+    tokenizer = vh.save_model(tmp / "model")
     spy = LossSpy(["vanilla", "ess", "ess_seq"])
     result: dict[str, Any] = {"runs": {}}
 
