@@ -44,18 +44,29 @@ def _math_block(match: re.Match[str]) -> str:
     return "\n".join(indent + line if line else line for line in lines) + "\n\n"
 
 
+#: modules whose public names the reference documents where their package re-exports them
+_REEXPORTED_BY = {
+    "ess_po.ess": "ess_po",
+    "ess_po.loss": "ess_po",
+    "ess_po.objective": "ess_po",
+    "ess_po.types": "ess_po",
+    "ess_po.integrations.trl.config": "ess_po.integrations.trl",
+    "ess_po.integrations.trl.trainer": "ess_po.integrations.trl",
+    "ess_po.integrations.verl.losses": "ess_po.integrations.verl",
+    "ess_po.integrations.verl.step_scope": "ess_po.integrations.verl",
+}
+
+
 def _resolve(target: str, obj: griffe.Object) -> str:
     """Path of a role target, relative names resolved from the object's module."""
     if target.startswith("ess_po."):
-        parts = target.split(".")
-        # ess_po.ess.ESSStats -> ess_po.ESSStats: the reference documents the re-exports.
-        if len(parts) > 2 and parts[1] in ("ess", "loss", "objective"):
-            return "ess_po." + ".".join(parts[2:])
+        # ess_po.types.ESSStats -> ess_po.ESSStats: the reference documents the re-exports.
+        for module, package in _REEXPORTED_BY.items():
+            if target.startswith(module + "."):
+                return package + target[len(module) :]
         return target
     module = obj.module.path
-    if module in ("ess_po.ess", "ess_po.loss", "ess_po.objective"):
-        module = "ess_po"
-    return f"{module}.{target}"
+    return f"{_REEXPORTED_BY.get(module, module)}.{target}"
 
 
 def rst_to_markdown(text: str, obj: griffe.Object) -> str:

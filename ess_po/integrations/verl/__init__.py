@@ -54,21 +54,24 @@ compute_policy_loss_ess = make_policy_loss("call", _SCOPE, "compute_policy_loss_
 """ESS policy loss with verl's policy-loss signature (``loss_mode=ess``): one ESS per call.
 
 Args:
-    old_log_prob: ``(B, T)`` behaviour log-probs.
-    log_prob: ``(B, T)`` current-policy log-probs of the sampled tokens (requires grad).
-    advantages: ``(B, T)`` advantages (``(B,)`` / ``(B, 1)`` also accepted by the core).
-    response_mask: ``(B, T)`` bool / 0-1 mask of valid response tokens.
-    loss_agg_mode: one of :data:`VERL_LOSS_AGG_MODES`, passed to verl's ``agg_loss``.
-    config: verl's ``ActorConfig`` (or ``DictConfig`` / dict); only ``global_batch_info`` is
-        read. ``None``: local normalisation with ``dp_size = 1``.
-    rollout_is_weights: ``(B, T)`` rollout-correction weights multiplying the policy term.
+    old_log_prob (torch.Tensor): ``(B, T)`` behaviour log-probs.
+    log_prob (torch.Tensor): ``(B, T)`` current-policy log-probs of the sampled tokens
+        (requires grad).
+    advantages (torch.Tensor): ``(B, T)`` advantages (``(B,)`` / ``(B, 1)`` also accepted by
+        the core).
+    response_mask (torch.Tensor): ``(B, T)`` bool / 0-1 mask of valid response tokens.
+    loss_agg_mode (str): one of :data:`VERL_LOSS_AGG_MODES`, passed to verl's ``agg_loss``.
+    config (Any): verl's ``ActorConfig`` (or ``DictConfig`` / dict); only
+        ``global_batch_info`` is read. ``None``: local normalisation with ``dp_size = 1``.
+    rollout_is_weights (torch.Tensor | None): ``(B, T)`` rollout-correction weights
+        multiplying the policy term.
 
 Returns:
-    ``(loss, metrics)``: the scalar ``agg_loss`` of the ``(B, T)`` per-token ESS loss (0, with
-    gradient 0, for a micro-batch without valid tokens) and detached 0-dim tensors
-    ``actor/ess``, ``actor/ess_min``, ``actor/ess_capped_frac``, ``actor/ess_capped_mass``,
-    ``actor/ess_kl_behavior``, ``actor/ess_ratio_mean``, ``actor/ess_ratio_max``,
-    ``actor/ess_ratio_min``.
+    (tuple[torch.Tensor, dict[str, torch.Tensor]]): ``(loss, metrics)``: the scalar
+    ``agg_loss`` of the ``(B, T)`` per-token ESS loss (0, with gradient 0, for a micro-batch
+    without valid tokens) and detached 0-dim tensors ``actor/ess``, ``actor/ess_min``,
+    ``actor/ess_capped_frac``, ``actor/ess_capped_mass``, ``actor/ess_kl_behavior``,
+    ``actor/ess_ratio_mean``, ``actor/ess_ratio_max``, ``actor/ess_ratio_min``.
 """
 
 compute_policy_loss_ess_seq = make_policy_loss("sequence", _SCOPE, "compute_policy_loss_ess_seq")
