@@ -254,7 +254,70 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     print(json.dumps(summary, indent=2))
     print(f"plot: {out / 'reward_ess.png'}   how to read the ess/* metrics: docs/metrics.md")
+    print(story(summary, args))
     return summary
+
+
+SEEDS_FILE = Path(__file__).resolve().parents[1] / "docs" / "results" / "demo" / "seeds.json"
+
+
+def story(summary: dict[str, Any], args: argparse.Namespace) -> str:
+    """What this run shows, in words, from its own numbers (and, with --trainer both, from the
+    committed three-seed runs of the same command)."""
+    first = summary["reward_first_steps"]
+    last = summary["reward_last_steps"]
+    name = "ESSGRPOTrainer" if summary["trainer"] == "ess" else "GRPOTrainer"
+    lines = [
+        "",
+        "What you are looking at:",
+        f"- {name}: reward {first:.2f} over the first {summary['reward_window']} steps, "
+        f"{last:.2f} over the last {summary['reward_window']}.",
+    ]
+    if summary.get("ess_mean") is not None:
+        lines.append(
+            f"- ESS is 1 on fresh lag-0 steps; over all steps it averaged "
+            f"{summary['ess_mean']:.2f} (lowest {summary['ess_min']:.2f}). Below 1 the policy "
+            "term's weights are capped at ESS and the (1 - ESS) regulariser pulls toward the "
+            "policy that sampled the batch."
+        )
+    base = summary.get("baseline")
+    if base is not None:
+        gap = last - base["reward_last_steps"]
+        lines.append(
+            f"- GRPOTrainer (clipped, same settings): {base['reward_last_steps']:.2f} over the "
+            f"last {base['reward_window']} steps; ESS minus GRPO = {gap:+.2f}. This is one seed."
+        )
+        lines += _seed_note(args)
+    lines.append(
+        "- Which objective for stale or asynchronous data, measured: docs/guides/stale.md."
+    )
+    return "\n".join(lines)
+
+
+def _seed_note(args: argparse.Namespace) -> list[str]:
+    """The committed three-seed runs of the default demo, when this run used its settings."""
+    if not SEEDS_FILE.exists():
+        return []
+    seeds = json.loads(SEEDS_FILE.read_text())
+    settings = seeds["settings"]
+    same = (
+        args.model is None
+        and args.dataset is None
+        and args.steps == settings["steps"]
+        and args.num_iterations == settings["num_iterations"]
+        and args.steps_per_generation == settings["steps_per_generation"]
+        and args.learning_rate == settings["learning_rate"]
+    )
+    if not same:
+        return []
+    pairs = ", ".join(
+        f"seed {r['seed']}: {r['ess_reward_last_steps']:.2f} vs {r['grpo_reward_last_steps']:.2f}"
+        for r in seeds["runs"]
+    )
+    return [
+        f"- The same command over three seeds (docs/results/demo/seeds.md), ESS vs GRPO: "
+        f"{pairs}. The trainer ahead changes with the seed: one run of each decides nothing."
+    ]
 
 
 def _window_mean(values: list[float], k: int) -> float:

@@ -261,6 +261,8 @@ def plot_sensitivity(result: dict[str, Any], out: Path) -> None:
                     label=m,
                 )
         ax.set_xscale("log")
+        ax.set_xlim(min(lrs) / 1.5, max(lrs) * 1.5)
+        ax.tick_params(labelleft=True)  # panels of a sparse grid have no left neighbour
         ax.set_xticks(lrs, [f"{x:g}" for x in lrs], fontsize=8)
         ax.minorticks_off()
         ax.set_title(f"k = {k}, {e} epoch{'s' if e > 1 else ''}", fontsize=10)
