@@ -357,7 +357,8 @@ def test_candidates_differ_off_the_reduction():
     """With pi_prox != mu the candidates are different objectives (no silent fallback)."""
     new, old, prox, adv, mask = _proximal_case(seed=7)
     values = {
-        k: float(proximal.proximal_loss(k, new, old, prox, adv, mask)[0].detach()) for k in M.PROXIMAL_KINDS
+        k: float(proximal.proximal_loss(k, new, old, prox, adv, mask)[0].detach())
+        for k in M.PROXIMAL_KINDS
     }
     values["ess"] = float(ess_policy_loss(new, old, adv, mask).loss.detach())
     assert len({round(v, 9) for v in values.values()}) == len(values), values
