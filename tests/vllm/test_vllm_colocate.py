@@ -36,7 +36,7 @@ vllm_cpu.cpu_engine_env()
 
 import torch  # noqa: E402
 
-import ess_po.integrations.trl as trl_adapter  # noqa: E402
+import ess_po.integrations.trl.trainer as trl_adapter  # noqa: E402
 
 STEPS = 4
 FIRST_PASS_STEPS = (1, 3)  # steps that generate (sampler and trainer share the weights)
@@ -202,14 +202,14 @@ def test_use_sampling_logps_false_restores_trl_behaviour(run):
     x = dict(run["inputs"][0])
     spy = CoreSpy()
     trainer.use_sampling_logps = False
-    trainer.ess_window = "micro_batch"
+    trainer.ess_scope = "call"
     trl_adapter.ess_policy_loss = spy
     try:
         trainer._compute_loss(trainer.model, x)
     finally:
         trl_adapter.ess_policy_loss = spy.original
         trainer.use_sampling_logps = True
-        trainer.ess_window = "step"
+        trainer.ess_scope = "step"
     (core,) = spy.calls
     torch.testing.assert_close(core["logp_old"], x["old_per_token_logps"])
     # TRL's default vllm_importance_sampling_mode is per sequence: (B, 1), broadcast over tokens
