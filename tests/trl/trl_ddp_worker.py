@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-# Run by path: Python puts this folder first on sys.path, so the helpers import by name.
+# Run by path: Python puts this folder first on the import path, so the helpers import by name.
 from trl_helpers import logged, make_trainer
 
 import ess_po.integrations.trl.trainer as trl_adapter
