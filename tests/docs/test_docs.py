@@ -34,7 +34,7 @@ def docs_module(name: str) -> ModuleType:
     """``docs/hooks/NAME.py`` or ``docs/scripts/NAME.py``, loaded by path under its own name.
 
     The sibling modules it imports (``mkdocs_hooks`` imports ``api_check``) are loaded first and
-    registered in ``sys.modules``, as MkDocs does for its hooks; nothing is added to ``sys.path``.
+    registered in ``sys.modules``, as MkDocs does for its hooks; nothing is added to the import path.
     """
     if name in sys.modules:
         return sys.modules[name]
