@@ -43,7 +43,7 @@ def api_page_targets(page: Path = ROOT / "docs" / "api.md") -> set[str]:
 
 
 def load_package():
-    """``ess_po`` (with ``ess_po.integrations`` mounted) as griffe sees it for the docs."""
+    """``ess_po`` (its subpackages included) as griffe sees it for the docs."""
     import sys
 
     import griffe

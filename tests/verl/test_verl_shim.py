@@ -20,6 +20,7 @@ from torch.testing import assert_close
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
 shim = pytest.importorskip("ess_po.integrations.verl")
+from ess_po.testing.batches import make_batch as make_core_batch  # noqa: E402
 from ess_po.testing.processes import child_env, run_ranks  # noqa: E402
 
 MODES = (
@@ -41,29 +42,25 @@ def make_batch(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     drift: float = 0.4,
-    empty_row: int | None = 1,
 ) -> Batch:
-    """Random verl-style micro-batch: (B, T) tensors, bool mask, token-level advantages.
+    """:func:`ess_po.testing.batches.make_batch` as verl's policy losses take it: ``(B, T)``
+    tensors under verl's names, a bool mask, token-level advantages and rollout weights in
+    ``[0.5, 1.5)``.
 
-    ``drift`` is the std of ``log_prob - old_log_prob`` (0 = on-policy). Row ``empty_row`` is
-    fully masked (verl excludes such rows from sequence counts).
+    ``drift`` is the std of ``log_prob - old_log_prob`` (0 = on-policy). Row 0 is fully masked
+    (verl excludes such rows from sequence counts).
     """
+    b = make_core_batch(
+        batch_size, horizon, seed=seed, staleness=drift, dtype=dtype, adv_shape="B1", empty_rows=1
+    )
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, horizon + 1, (batch_size,), generator=g)
-    lengths[0] = horizon
-    if empty_row is not None:
-        lengths[empty_row] = 0
-    mask = torch.arange(horizon)[None, :] < lengths[:, None]
-    old = -2.0 * torch.rand(batch_size, horizon, generator=g, dtype=dtype) - 0.05
-    new = old + drift * torch.randn(batch_size, horizon, generator=g, dtype=dtype)
-    adv = torch.randn(batch_size, 1, generator=g, dtype=dtype).expand(batch_size, horizon)
-    weights = 0.5 + torch.rand(batch_size, horizon, generator=g, dtype=dtype)
+    weights = 0.5 + torch.rand(batch_size, horizon, generator=g, dtype=torch.float64)
     return {
-        "old_log_prob": old,
-        "log_prob": new,
-        "advantages": adv.contiguous(),
-        "response_mask": mask,
-        "rollout_is_weights": weights,
+        "old_log_prob": b.logp_old,
+        "log_prob": b.logp_new.detach(),
+        "advantages": b.advantages.expand(batch_size, horizon).contiguous(),
+        "response_mask": b.mask,
+        "rollout_is_weights": weights.to(dtype),
     }
 
 
