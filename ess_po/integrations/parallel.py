@@ -16,7 +16,7 @@ The rule, for a rank that computes the loss:
 * ranks that compute **no loss** (pipeline stages other than the last) must **not** be members:
   a collective they never enter would hang.
 
-Layouts (``tests/parallel/test_parallel_layouts.py`` runs each on 4 gloo processes):
+Layouts:
 
 * one process, DDP, FSDP, FSDP + Ulysses sequence parallel: the default (world) group. Every
   rank computes the loss; Ulysses ranks hold all-gathered, identical log-probs.
