@@ -22,6 +22,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from ess_po import _fused
 from ess_po._validation import (
     check_loss_inputs,
     check_loss_values,
@@ -67,7 +68,32 @@ def _combine_shifted(stats: ESSStats, shifted: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp(min=torch.finfo(den.dtype).tiny), 0.0)
 
 
+# --- dispatch: the fused implementation (issue 24) or the plain-autograd reference -------------
+
+
 def _token_terms(
+    logp_new: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    per_sequence: bool,
+    rollout_weights: torch.Tensor | None,
+    process_group: dist.ProcessGroup | None,
+    sync_ess: bool,
+    stats: ESSStats | None,
+) -> ESSLossOutput:
+    args = (logp_new, logp_old, advantages, mask, per_sequence, rollout_weights, process_group)
+    if _fused.ENABLED:  # the fused passes: same terms, fewer passes
+        cdtype = compute_dtype(logp_new, logp_old, advantages, rollout_weights)
+        tail = REGULARIZER_LINEAR_TAIL
+        return _fused.fused_token_terms(*args, sync_ess, stats, cdtype, tail)
+    return _token_terms_reference(*args, sync_ess, stats)
+
+
+# --- end of dispatch ----------------------------------------------------------------------------
+
+
+def _token_terms_reference(
     logp_new: torch.Tensor,
     logp_old: torch.Tensor,
     advantages: torch.Tensor,

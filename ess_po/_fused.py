@@ -1,0 +1,328 @@
+r"""The fused implementation of the per-token ESS objective (issue 24).
+
+Same semantics as the plain-autograd reference (``ess_po.objective._token_terms_reference``),
+computed in fewer passes over the ``(B, T)`` tokens; :data:`ENABLED` chooses between them.
+
+* The forward runs without autograd, in a few reused buffers (fresh ``(B, T)`` tensors cost
+  allocator work and page faults on the CPU): the mask becomes a 0/1 float once (a bool,
+  integer or float mask alike), masked positions are zeroed *before any arithmetic*, then the
+  maximum, the two shifted ESS sums and the per-token terms and diagnostics, with two
+  transcendental functions per token (the statistics' ``exp`` and the regulariser's ``expm1``,
+  from which the ratio is recovered).
+* The backward is one elementwise multiply-add,
+  :math:`g_\text{pol}\, w_1 - g_\text{reg}\,(1-\mathrm{ESS})\,\mathrm{em}`, with the saved
+  :math:`w_1 = -\rho\, c\, A` and :math:`\mathrm{em} = e^{-\max(d, -L)} - 1` (both exactly 0 at
+  masked positions), in the compute dtype, cast to ``logp_new``'s dtype (an fp16 overflow is
+  inf). Under ``create_graph`` it recomputes the gradient with differentiable operations from
+  the saved inputs, so second derivatives are the reference's, :math:`(1-\mathrm{ESS})\,
+  e^{-d}` on the diagonal above the tail and 0 below it.
+
+Masking without ``torch.where`` in eager mode: on the CPU a boolean select costs about twenty
+arithmetic passes, and a multiplication by a 0/1 mask lets ``0 * NaN`` through. Masked positions
+are zeroed with a bitwise AND of the values' bits and an all-ones/all-zeros integer mask: exactly
+``torch.where(valid, x, 0)`` (a NaN or inf at a valid position passes unchanged), at the cost of
+an addition. Under ``torch.compile`` (where selects fuse for free) the same functions use
+``torch.where``; the results are the same bits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ess_po.ess import all_reduce_stats, reduce_nonempty
+from ess_po.types import ESSLossOutput, ESSStats
+
+# Masked positions read as this log ratio in the maximum (and its negative in the minimum):
+# an addition of 0 at valid positions (exact, NaN and inf pass), and finite, so no exp of -inf
+# (several times slower than of a finite number on the CPU) is ever formed.
+_PAD = 1e30
+_INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+#: Whether the loss (``ess_po.objective._token_terms``) and the statistics
+#: (``ess_po.ess.masked_stats``) run the fused passes; ``False`` runs the plain-autograd
+#: reference implementations (``_token_terms_reference``, ``_masked_stats_reference``).
+ENABLED: bool = True
+
+
+class _Mask:
+    """The mask in the three forms the passes need, each built once per call: ``valid`` (bool,
+    only when compiling or asked for), ``maskf`` (0/1 in the compute dtype) and ``bits``
+    (0 / all-ones integers of the compute dtype's width; ``None`` when compiling)."""
+
+    def __init__(self, mask: torch.Tensor, cdtype: torch.dtype, compiling: bool) -> None:
+        self.compiling = compiling
+        self.source = mask
+        if compiling:
+            self.valid = mask if mask.dtype == torch.bool else mask != 0
+            self.maskf = self.valid.to(cdtype)
+            self.bits = None
+            return
+        self.valid = None
+        if mask.dtype == torch.bool:
+            # bool -> float is an unvectorised loop on the CPU; uint8 -> float is not.
+            u8 = mask.view(torch.uint8)
+            self.maskf = u8.to(cdtype)
+            self.bits = u8.to(_INT_OF[cdtype]).neg_()
+        else:
+            # valid = mask != 0, arithmetically: NaN counts as valid (NaN != 0), -0.0 does not.
+            self.maskf = torch.nan_to_num(mask.to(cdtype), nan=1.0).abs_().sign_()
+            self.bits = self.maskf.to(_INT_OF[cdtype]).neg_()
+
+    def bool(self) -> torch.Tensor:
+        if self.valid is None:
+            m = self.source
+            self.valid = m if m.dtype == torch.bool else m != 0
+        return self.valid
+
+    def keep(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``torch.where(valid, x, 0)`` (``x`` in the compute dtype); in place when ``inplace``
+        (``x`` is then a fresh buffer of this call)."""
+        if self.bits is None:
+            return torch.where(self.bool(), x, 0.0)
+        xi = x.view(self.bits.dtype)
+        if inplace:
+            xi.bitwise_and_(self.bits)
+            return x
+        return torch.bitwise_and(xi, self.bits).view(x.dtype)
+
+
+def _sum(x: torch.Tensor, dim: int | None) -> torch.Tensor:
+    return x.sum() if dim is None else x.sum(dim=dim)
+
+
+def _into(buf: torch.Tensor | None) -> dict:
+    """``out=buf`` in eager mode: fresh (B, T) buffers cost allocator work and page faults
+    comparable to an arithmetic pass on the CPU, so the passes reuse a few. Compiled, plain
+    operations (Inductor plans the memory)."""
+    return {} if buf is None or torch.compiler.is_compiling() else {"out": buf}
+
+
+def fused_stats(
+    d: torch.Tensor, m: _Mask, dim: int | None, need_low: bool = True
+) -> tuple[ESSStats, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Statistics of the sanitised log ratios ``d`` (0 at masked positions), the shifted ratios
+    ``exp(d - shift)`` (0 at masked positions), the smallest valid log ratio (``+_PAD`` where
+    there is none, over everything) and a free scratch buffer of ``d``'s shape."""
+    maskf = m.maskf
+    pad = torch.sub(maskf, 1.0).mul_(_PAD)  # 0 at valid positions, -1e30 at masked ones
+    count = _sum(maskf, dim)
+    scratch = torch.add(d, pad)
+    top = reduce_nonempty(scratch, "amax", dim, float("-inf"))
+    low = None
+    if need_low:
+        low = reduce_nonempty(torch.sub(d, pad, **_into(scratch)), "amin", None, _PAD)
+    shift = torch.where(count > 0, top, 0.0)
+    # exp(d - shift) <= 1 at valid positions; masked ones are clamped to exp(0) and zeroed.
+    e = torch.sub(d, shift if dim is None else shift.unsqueeze(dim), **_into(pad))
+    e = e.clamp_(max=0.0).exp_().mul_(maskf)
+    s1 = _sum(e, dim)
+    if dim is None and not m.compiling and e.is_contiguous():
+        s2 = torch.dot(e.reshape(-1), e.reshape(-1))  # autocast is off here
+    else:
+        s2 = _sum(e * e, dim)
+    return ESSStats(shift, torch.log(s1), torch.log(s2), count), e, low, scratch
+
+
+def fused_masked_stats(
+    log_ratio: torch.Tensor, valid: torch.Tensor, dim: int | None
+) -> tuple[ESSStats, torch.Tensor]:
+    """:func:`ess_po.ess.masked_stats` in the fused passes (``valid`` is bool)."""
+    dim = None if dim is None else dim % log_ratio.dim()
+    m = _Mask(valid, log_ratio.dtype, torch.compiler.is_compiling())
+    stats, e, _, _ = fused_stats(m.keep(log_ratio), m, dim, need_low=False)
+    return stats, e
+
+
+def _broadcast_small(g: torch.Tensor) -> torch.Tensor:
+    """``g`` with its stride-0 (expanded) dimensions as size 1: the same values, broadcast."""
+    if g.numel() == 0 or all(s != 0 for s in g.stride()):
+        return g
+    shape = [1 if st == 0 else n for n, st in zip(g.shape, g.stride(), strict=True)]
+    return g.as_strided(shape, g.stride(), g.storage_offset())
+
+
+class _ESSTerms(torch.autograd.Function):
+    """The per-token terms from the tensors of the no-grad passes, with the closed-form gradient.
+
+    Inputs: ``logp_new`` (the only differentiable one; its values are not read), the sanitised
+    ``lp``, ``w1 = -rho c A`` and ``em`` (0 at masked positions), ``k3``, ``1 - ESS``, and what a
+    double backward needs to recompute ``d``: ``logp_old``, the mask and the tail."""
+
+    @staticmethod
+    def forward(ctx, logp_new, lp, w1, em, k3, one_minus_ess, logp_old, mask, tail):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logp_new, w1, em, one_minus_ess, logp_old, mask)
+        ctx.tail = tail
+        return _terms(lp, w1, k3, one_minus_ess)
+
+    @staticmethod
+    def backward(ctx, g_loss, g_pol, g_reg):  # type: ignore[override]
+        logp_new, w1, em, one_minus_ess, logp_old, mask = ctx.saved_tensors
+        if g_loss is not None:
+            g_pol = g_loss if g_pol is None else g_pol + g_loss
+            g_reg = g_loss if g_reg is None else g_reg + g_loss
+        if g_pol is None and g_reg is None:
+            return (None,) * 9
+        if torch.is_grad_enabled():
+            # create_graph: the same gradient from differentiable operations on logp_new, so
+            # the second derivative is (1 - ESS) e^{-d} (0 below the tail and where masked).
+            valid = mask if mask.dtype == torch.bool else mask != 0
+            lp = torch.where(valid, logp_new.to(w1.dtype), 0.0)
+            lo = torch.where(valid, logp_old.detach().to(w1.dtype), 0.0)
+            em = torch.expm1(-torch.clamp(lp - lo, min=-ctx.tail))
+            grad = 0.0
+            if g_pol is not None:
+                grad = grad + w1 * g_pol
+            if g_reg is not None:
+                grad = grad - em * (g_reg * one_minus_ess)
+            return (grad.to(logp_new.dtype),) + (None,) * 8
+        if g_pol is None:
+            return (torch.mul(em, g_reg * one_minus_ess.neg()).to(logp_new.dtype),) + (None,) * 8
+        if g_reg is None:
+            return (torch.mul(w1, _broadcast_small(g_pol)).to(logp_new.dtype),) + (None,) * 8
+        # A NaN ESS (a NaN at a valid position) already makes w1 NaN at every valid position;
+        # its 0 here keeps masked positions at an exact 0 (em = 0 there), as the reference.
+        coef = _broadcast_small(g_reg) * one_minus_ess.neg().nan_to_num(nan=0.0)
+        grad = torch.mul(w1, _broadcast_small(g_pol)).addcmul_(em, coef)
+        return (grad.to(logp_new.dtype),) + (None,) * 8
+
+
+def _terms(lp, w1, k3, one_minus_ess):
+    policy = w1 * lp
+    regularizer = k3 * one_minus_ess
+    return policy + regularizer, policy, regularizer
+
+
+def fused_token_terms(
+    logp_new: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    per_sequence: bool,
+    rollout_weights: torch.Tensor | None,
+    process_group: dist.ProcessGroup | None,
+    sync_ess: bool,
+    stats: ESSStats | None,
+    cdtype: torch.dtype,
+    tail: float,
+) -> ESSLossOutput:
+    """``_token_terms`` of :mod:`ess_po.objective` in the fused passes (see the module doc)."""
+    compiling = torch.compiler.is_compiling()
+    with torch.no_grad():
+        m = _Mask(mask, cdtype, compiling)
+        dim = -1 if per_sequence else None
+        # Sanitise first: masked positions hold 0 from here on, whatever they held.
+        lp = m.keep(logp_new.detach().to(cdtype), inplace=logp_new.dtype != cdtype)
+        d = m.keep(logp_old.detach().to(cdtype), inplace=logp_old.dtype != cdtype)
+        d = torch.sub(lp, d, **_into(d))  # a fresh buffer: the sanitised logp_old
+        local, e, low, scratch = fused_stats(d, m, dim)
+        if per_sequence:
+            log_ess = local.log_ess().unsqueeze(-1)
+        elif stats is not None:
+            log_ess = stats.log_ess().to(cdtype)
+        else:
+            log_ess = (all_reduce_stats(local, process_group) if sync_ess else local).log_ess()
+        ess = log_ess.exp()
+        one_minus_ess = -torch.expm1(log_ess)
+
+        # Capped tokens and the ratio mass the cap removes, in shifted units: relu(e - cap)
+        # (0 at masked positions, where e = 0); its sign counts the tokens (NaN as not capped).
+        cap = torch.exp(log_ess - (local.shift.unsqueeze(-1) if per_sequence else local.shift))
+        over = torch.sub(e, cap, **_into(scratch)).relu_()
+        excess = over.sum(dim=-1) if per_sequence else over.sum()
+        capped = over.sign_().nan_to_num_(nan=0.0).sum()
+
+        # k3(d) = d + expm1(-d), continued by its tangent below -L:
+        # k3(dc) + (1 - e^L)(d - dc) with dc = max(d, -L); d - dc is exactly 0 above -L.
+        dc = torch.clamp(d, min=-tail, **_into(scratch))
+        em = torch.neg(dc).expm1_()  # e^{-dc} - 1 = -k3'(d); 0 at masked positions
+        beyond = d.sub_(dc)
+        k3 = dc.add_(em).add_(beyond, alpha=1.0 - math.exp(tail))
+
+        # The ratio from the regulariser's exponential: w = 1 / (1 + em) = e^d above -L (only
+        # min(w, ESS) is used, exact where uncapped: d < 0, where 1 + em >= 1).
+        rho = torch.add(em, 1.0, **_into(e)).reciprocal_().clamp_(max=ess)
+        adv = advantages.detach().to(cdtype)
+        adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
+        w1 = rho.mul_(adv.neg())
+        if rollout_weights is not None:
+            w1.mul_(rollout_weights.detach().to(cdtype))
+        w1 = m.keep(w1, inplace=True)  # -rho c A, exactly 0 at masked positions
+
+        diagnostics = _fused_diagnostics(
+            local, low, excess, capped, k3.sum(), log_ess, ess, per_sequence
+        )
+
+    if logp_new.requires_grad and torch.is_grad_enabled():
+        loss, policy, regularizer = _ESSTerms.apply(
+            logp_new, lp, w1, em, k3, one_minus_ess, logp_old, mask, tail
+        )
+    else:
+        loss, policy, regularizer = _terms(lp, w1, k3, one_minus_ess)
+    ess_mean, ess_min, capped_frac, capped_mass, kl, r_mean, r_max, r_min, n = diagnostics
+    return ESSLossOutput(
+        loss,
+        ess_mean,
+        ess_min,
+        capped_frac,
+        kl,
+        r_mean,
+        r_max,
+        policy,
+        regularizer,
+        n,
+        capped_mass,
+        r_min,
+    )
+
+
+def _fused_diagnostics(
+    local: ESSStats,
+    low: torch.Tensor,
+    excess: torch.Tensor,
+    capped: torch.Tensor,
+    k3_sum: torch.Tensor,
+    log_ess: torch.Tensor,
+    ess: torch.Tensor,
+    per_sequence: bool,
+) -> tuple[torch.Tensor, ...]:
+    """The reference's diagnostics (``ess_po.objective._diagnostics``) from the reductions of
+    the fused passes."""
+    from ess_po.objective import _combine_shifted  # objective imports this module
+
+    n = local.count.sum()
+    n_safe = n.clamp(min=1.0)
+    has_tokens = n > 0
+    if per_sequence:
+        nonempty = local.count > 0
+        ess_rows = ess.squeeze(-1)
+        n_seq = nonempty.sum().clamp(min=1)
+        ess_mean = torch.where(
+            nonempty.any(), torch.where(nonempty, ess_rows, 0.0).sum() / n_seq, 1.0
+        )
+        ess_min = reduce_nonempty(torch.where(nonempty, ess_rows, 1.0), "amin", None, 1.0)
+        log_sum_w = torch.logsumexp(local.log_sum_w, dim=0) if local.count.numel() else n.log()
+    else:
+        ess_mean = ess_min = ess
+        log_sum_w = local.log_sum_w
+    shift_max = reduce_nonempty(
+        torch.where(local.count > 0, local.shift, float("-inf")), "amax", None, 0.0
+    )
+    ratio_max = torch.where(has_tokens, torch.exp(shift_max), 1.0)
+    ratio_mean = torch.where(has_tokens, torch.exp(log_sum_w - torch.log(n_safe)), 1.0)
+    fmax = torch.finfo(torch.float32).max
+    values = (
+        ess_mean,
+        ess_min,
+        capped / n_safe,
+        _combine_shifted(local, excess),
+        k3_sum / n_safe,
+        ratio_mean.clamp(max=fmax),
+        ratio_max.clamp(max=fmax),
+        torch.where(has_tokens, torch.exp(low), 1.0),
+        n,
+    )
+    return tuple(v.reshape(()).to(torch.float32) for v in values)
