@@ -10,7 +10,7 @@ The run: a tiny Qwen2 (head_dim 64, built in code and saved to a temporary direc
 ``vllm_importance_sampling_correction=True``. vLLM's CPU platform samples a float32 checkpoint
 in bfloat16 (its ``dtype="auto"``), so the sampler differs from the float32 trainer even with
 identical weights: the real engine mismatch. The CPU-only workarounds live in
-``vllm_cpu.py`` next to this file.
+:mod:`ess_po.testing.vllm_cpu`.
 """
 
 from __future__ import annotations
