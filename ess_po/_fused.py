@@ -41,9 +41,10 @@ from ess_po.types import ESSLossOutput, ESSStats
 _PAD = 1e30
 _INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
 
-#: Whether the loss (``ess_po.objective._token_terms``) and the statistics
-#: (``ess_po.ess.masked_stats``) run the fused passes; ``False`` runs the plain-autograd
-#: reference implementations (``_token_terms_reference``, ``_masked_stats_reference``).
+#: Whether the loss (``ess_po.objective._token_terms``) runs the fused passes; ``False`` runs
+#: the plain-autograd reference implementation (``_token_terms_reference``). The statistics
+#: pre-pass of the step scope (``ess_po.step_stats``) keeps its plain implementation: the fused
+#: statistics measured no faster there (``benchmarks/loss_cost.py``, ``step-stats-fused``).
 ENABLED: bool = True
 
 
@@ -124,16 +125,6 @@ def fused_stats(
     else:
         s2 = _sum(e * e, dim)
     return ESSStats(shift, torch.log(s1), torch.log(s2), count), e, low, scratch
-
-
-def fused_masked_stats(
-    log_ratio: torch.Tensor, valid: torch.Tensor, dim: int | None
-) -> tuple[ESSStats, torch.Tensor]:
-    """:func:`ess_po.ess.masked_stats` in the fused passes (``valid`` is bool)."""
-    dim = None if dim is None else dim % log_ratio.dim()
-    m = _Mask(valid, log_ratio.dtype, torch.compiler.is_compiling())
-    stats, e, _, _ = fused_stats(m.keep(log_ratio), m, dim, need_low=False)
-    return stats, e
 
 
 def _broadcast_small(g: torch.Tensor) -> torch.Tensor:

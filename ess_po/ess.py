@@ -59,18 +59,6 @@ def reduce_nonempty(x: torch.Tensor, op: str, dim: int | None, empty: float) -> 
 def masked_stats(
     log_ratio: torch.Tensor, valid: torch.Tensor, dim: int | None
 ) -> tuple[ESSStats, torch.Tensor]:
-    """Statistics of ``log_ratio`` at ``valid`` positions and the shifted ratios: the fused
-    passes of :mod:`ess_po._fused` (issue 24), or :func:`_masked_stats_reference`."""
-    from ess_po import _fused  # _fused imports this module
-
-    if _fused.ENABLED:
-        return _fused.fused_masked_stats(log_ratio, valid, dim)
-    return _masked_stats_reference(log_ratio, valid, dim)
-
-
-def _masked_stats_reference(
-    log_ratio: torch.Tensor, valid: torch.Tensor, dim: int | None
-) -> tuple[ESSStats, torch.Tensor]:
     """Statistics of ``log_ratio`` (detached, compute dtype) at ``valid`` (bool) positions, and
     the shifted ratios ``exp(log_ratio - shift)`` (0 at masked positions).
 

@@ -16,7 +16,6 @@ import torch
 
 import ess_po
 from ess_po import _fused, ess_policy_loss, ess_stats, ess_token_loss, step_stats
-from ess_po.ess import masked_stats
 from ess_po.testing.batches import make_batch
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"]
@@ -290,29 +289,6 @@ def test_hessian_fused_equals_reference(scope) -> None:
     h_f, h_r = _paths(lambda: torch.autograd.functional.hessian(f, lp0))
     assert h_f.abs().sum() > 0
     torch.testing.assert_close(h_f, h_r, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("dim", [None, -1])
-@pytest.mark.parametrize("mask_kind", ["bool", "none"])
-def test_statistics_match_reference(dim, mask_kind) -> None:
-    g = torch.Generator().manual_seed(0)
-    lr = 3 * torch.randn(5, 17, generator=g, dtype=torch.float64)
-    mask = torch.rand(5, 17, generator=g) > 0.3
-    mask[1] = False
-    lr[~mask] = float("nan")
-    m = mask if mask_kind == "bool" else None
-    lr_in = lr if m is not None else lr.masked_fill(~mask, float("inf"))
-    (sf, ef), (sr, er) = _paths(lambda: masked_stats(lr, mask, dim))
-    for a, b in zip(sf, sr, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
-    torch.testing.assert_close(ef, er, rtol=1e-13, atol=0)
-    stf, str_ = _paths(lambda: ess_stats(lr_in, m, dim=dim))
-    for a, b in zip(stf, str_, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
-    parts = [(lr_in[:2], None if m is None else m[:2]), (lr_in[2:], None if m is None else m[2:])]
-    if dim is None:
-        a, b = _paths(lambda: step_stats(parts))
-        torch.testing.assert_close(a.ess(), b.ess(), rtol=1e-13, atol=0)
 
 
 def test_fused_module_has_no_host_sync_calls() -> None:
