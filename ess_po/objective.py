@@ -246,8 +246,8 @@ def ess_token_loss(
         >>> logp_new = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
         >>> adv, mask = torch.tensor([2.0]), torch.ones(1, 3)
         >>> out = ess_token_loss(logp_new, logp_new.detach(), adv, mask)
-        >>> out.loss  # on-policy: -A * logp_new
-        tensor([[2., 4., 1.]], grad_fn=<AddBackward0>)
+        >>> out.loss.detach()  # on-policy: -A * logp_new
+        tensor([[2., 4., 1.]])
         >>> out.ess, out.capped_mass
         (tensor(1.), tensor(0.))
     """
