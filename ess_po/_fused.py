@@ -282,23 +282,12 @@ def _fused_diagnostics(
 ) -> tuple[torch.Tensor, ...]:
     """The reference's diagnostics (``ess_po.objective._diagnostics``) from the reductions of
     the fused passes."""
-    from ess_po.objective import _combine_shifted  # objective imports this module
+    from ess_po.objective import _combine_shifted, ess_summary  # objective imports this module
 
     n = local.count.sum()
     n_safe = n.clamp(min=1.0)
     has_tokens = n > 0
-    if per_sequence:
-        nonempty = local.count > 0
-        ess_rows = ess.squeeze(-1)
-        n_seq = nonempty.sum().clamp(min=1)
-        ess_mean = torch.where(
-            nonempty.any(), torch.where(nonempty, ess_rows, 0.0).sum() / n_seq, 1.0
-        )
-        ess_min = reduce_nonempty(torch.where(nonempty, ess_rows, 1.0), "amin", None, 1.0)
-        log_sum_w = torch.logsumexp(local.log_sum_w, dim=0) if local.count.numel() else n.log()
-    else:
-        ess_mean = ess_min = ess
-        log_sum_w = local.log_sum_w
+    ess_mean, ess_min, log_sum_w = ess_summary(local, ess, per_sequence)
     shift_max = reduce_nonempty(
         torch.where(local.count > 0, local.shift, float("-inf")), "amax", None, 0.0
     )

@@ -159,6 +159,23 @@ def _token_terms_reference(
     )
 
 
+def ess_summary(
+    local: ESSStats, ess: torch.Tensor, per_sequence: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ess, ess_min, log sum of ratios)`` of a call: in sequence scope the mean and minimum
+    over non-empty rows (1 when there are none), else the batch ESS twice."""
+    if not per_sequence:
+        return ess, ess, local.log_sum_w
+    n = local.count.sum()
+    nonempty = local.count > 0
+    ess_rows = ess.squeeze(-1)
+    n_seq = nonempty.sum().clamp(min=1)
+    ess_mean = torch.where(nonempty.any(), torch.where(nonempty, ess_rows, 0.0).sum() / n_seq, 1.0)
+    ess_min = reduce_nonempty(torch.where(nonempty, ess_rows, 1.0), "amin", None, 1.0)
+    log_sum_w = torch.logsumexp(local.log_sum_w, dim=0) if local.count.numel() else n.log()
+    return ess_mean, ess_min, log_sum_w
+
+
 def _diagnostics(
     local: ESSStats,
     shifted: torch.Tensor,
@@ -173,20 +190,11 @@ def _diagnostics(
     n = local.count.sum()
     n_safe = n.clamp(min=1.0)
     has_tokens = n > 0
+    ess_mean, ess_min, log_sum_w = ess_summary(local, ess, per_sequence)
     if per_sequence:
-        nonempty = local.count > 0
-        ess_rows = ess.squeeze(-1)
-        n_seq = nonempty.sum().clamp(min=1)
-        ess_mean = torch.where(
-            nonempty.any(), torch.where(nonempty, ess_rows, 0.0).sum() / n_seq, 1.0
-        )
-        ess_min = reduce_nonempty(torch.where(nonempty, ess_rows, 1.0), "amin", None, 1.0)
-        log_sum_w = torch.logsumexp(local.log_sum_w, dim=0) if local.count.numel() else n.log()
         cap_level = torch.exp(log_ess - local.shift.unsqueeze(-1))  # ESS in shifted units
         excess = torch.relu(shifted - cap_level).sum(dim=-1)
     else:
-        ess_mean = ess_min = ess
-        log_sum_w = local.log_sum_w
         excess = torch.relu(shifted - torch.exp(log_ess - local.shift)).sum()
     capped = (valid & (w > ess)).sum()
     shift_max = reduce_nonempty(
