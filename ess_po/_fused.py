@@ -253,21 +253,9 @@ def fused_token_terms(
         )
     else:
         loss, policy, regularizer = _terms(lp, w1, k3, one_minus_ess)
-    ess_mean, ess_min, capped_frac, capped_mass, kl, r_mean, r_max, r_min, n = diagnostics
-    return ESSLossOutput(
-        loss,
-        ess_mean,
-        ess_min,
-        capped_frac,
-        kl,
-        r_mean,
-        r_max,
-        policy,
-        regularizer,
-        n,
-        capped_mass,
-        r_min,
-    )
+    from ess_po.objective import output  # objective imports this module
+
+    return output(loss, policy, regularizer, diagnostics)
 
 
 def _fused_diagnostics(

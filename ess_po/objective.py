@@ -142,21 +142,22 @@ def _token_terms_reference(
         diagnostics = _diagnostics(
             local, shifted, valid, w, ess, log_ess, reg_k3, per_sequence, d_const
         )
+    return output(policy + regularizer, policy, regularizer, diagnostics)
+
+
+def output(
+    loss: torch.Tensor,
+    policy: torch.Tensor,
+    regularizer: torch.Tensor,
+    diagnostics: tuple[torch.Tensor, ...],
+) -> ESSLossOutput:
+    """The result from the loss terms and :func:`_diagnostics`' tuple (its order, not the
+    result's)."""
     ess_mean, ess_min, capped_frac, capped_mass, kl, r_mean, r_max, r_min, n = diagnostics
     return ESSLossOutput(
-        policy + regularizer,
-        ess_mean,
-        ess_min,
-        capped_frac,
-        kl,
-        r_mean,
-        r_max,
-        policy,
-        regularizer,
-        n,
-        capped_mass,
-        r_min,
-    )
+        loss, ess_mean, ess_min, capped_frac, kl, r_mean, r_max, policy, regularizer, n,
+        capped_mass, r_min,
+    )  # fmt: skip
 
 
 def ess_summary(
