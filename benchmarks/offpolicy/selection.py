@@ -88,7 +88,6 @@ def evaluate(result: dict[str, Any], methods: Sequence[str] = RULE_METHODS) -> d
                 "holds": mean >= -max(FLOOR, sd),
                 "collapsed": sum(bool(r["collapsed"]) for r in runs.values()),
                 "runs": len(runs),
-                "log_ratio_min": min(min(r["log_ratio_min"]) for r in runs.values()),
             }
         out["cells"][cell] = row
     for m in methods:
@@ -141,28 +140,12 @@ def markdown(result: dict[str, Any]) -> list[str]:
             f"| {m} | {v['holds']}/{v['cells']} | {v['collapsed']} | {v['delta_mean']:+.3f} | "
             f"{'yes' if v['passes'] else 'no'} |"
         )
-    lines += ["", *_tail_table(result), ""]
-    return lines
-
-
-def _tail_table(result: dict[str, Any]) -> list[str]:
-    """Smallest log-ratio log(pi/mu) of any token, per cell and ESS-family method."""
-    methods = [m for m in result["methods"] if m.startswith("ess")]
-    lines = [
-        "## Regulariser tail: smallest log-ratio d_b per cell (any token, any run)",
+    lines += [
         "",
-        "The linear tail starts at d = −50; between −10 and −50 one token's regulariser gradient "
-        "grows as e^(−d).",
+        "The regulariser's tail (linear below d = −50): see the table of smallest log-ratios "
+        "above, per cell and method.",
         "",
-        "| cell | " + " | ".join(methods) + " |",
-        "|---|" + "---|" * len(methods),
     ]
-    for cell in result["conditions"]:
-        vals = []
-        for m in methods:
-            runs = [r for r in result["runs"] if r["condition"] == cell and r["method"] == m]
-            vals.append(f"{min(min(r['log_ratio_min']) for r in runs):.1f}" if runs else "")
-        lines.append(f"| {cell} | " + " | ".join(vals) + " |")
     return lines
 
 
