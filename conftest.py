@@ -10,6 +10,8 @@ _NEEDS = {
     "ess_po/integrations/verl/*": "verl",
     "ess_po/testing/verl_harness.py": "verl",
     "ess_po/integrations/trl/*": "trl",
+    "ess_po/integrations/areal/*": "areal",
+    "ess_po/testing/areal_engine.py": "areal",
     "ess_po/testing/tiny.py": "tokenizers",
 }
 
