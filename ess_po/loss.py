@@ -131,9 +131,14 @@ def ess_policy_loss(
         stats=stats,
         check_values=check_values,
     )
-    valid = mask if mask.dtype == torch.bool else mask != 0
-    policy_loss = aggregate(tok.policy_loss, valid, loss_agg_mode, normalizer)
-    regularizer_loss = aggregate(tok.regularizer_loss, valid, loss_agg_mode, normalizer)
+    # The token modes need only the count the core already made (no second pass over a float
+    # mask); the seq-mean modes count per row.
+    valid = None
+    if loss_agg_mode.startswith("seq-mean"):
+        valid = mask if mask.dtype == torch.bool else mask != 0
+    n = tok.num_tokens
+    policy_loss = aggregate(tok.policy_loss, valid, loss_agg_mode, normalizer, n)
+    regularizer_loss = aggregate(tok.regularizer_loss, valid, loss_agg_mode, normalizer, n)
     return tok._replace(
         loss=policy_loss + regularizer_loss,
         policy_loss=policy_loss.detach().float(),
