@@ -1,6 +1,6 @@
 """Checks shared by the docs build (``mkdocs_hooks.py``) and ``tests/docs/test_docs.py``.
 
-Static only (``ast`` + griffe): nothing here imports TRL, verl or torch.
+Static only (``ast`` + griffe): nothing here imports TRL, verl, AReaL or torch.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ PUBLIC_MODULES = {
     "ess_po": ROOT / "ess_po" / "__init__.py",
     "ess_po.integrations.trl": ROOT / "ess_po" / "integrations" / "trl" / "__init__.py",
     "ess_po.integrations.verl": ROOT / "ess_po" / "integrations" / "verl" / "__init__.py",
+    "ess_po.integrations.areal": ROOT / "ess_po" / "integrations" / "areal" / "__init__.py",
     "ess_po.testing.tiny": ROOT / "ess_po" / "testing" / "tiny.py",
     "ess_po.integrations.parallel": ROOT / "ess_po" / "integrations" / "parallel.py",
 }

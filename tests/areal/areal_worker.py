@@ -40,6 +40,10 @@ import torch.distributed as dist
 HERE = Path(__file__).resolve()
 MAX_LEN = 13  # longest sequence of the batch: max_tokens_per_mb=13 holds one sequence
 N_SEQS = 8
+#: prompt and response lengths: 7..13 tokens, so two never fit in one 13-token micro-batch, and
+#: packed micro-batches hold unequal numbers of valid tokens
+PROMPTS = [3, 5, 3, 6, 2, 4, 3, 5]
+RESPONSES = [4, 8, 5, 3, 9, 6, 4, 7]
 
 
 def run_worker(scenario: str, out: Path, nprocs: int = 1, *extra: str, timeout: float = 600):
@@ -61,8 +65,8 @@ def make_batch(seed: int = 0) -> list[dict[str, torch.Tensor]]:
     rewards = [1.0, -0.5, 2.0, 0.0, -1.0, 0.5, 1.5, -2.0]
     out = []
     for i in range(N_SEQS):
-        prompt, response = 3 + i % 3, 4 + (3 * i) % 6
-        length = min(prompt + response, MAX_LEN)
+        prompt, response = PROMPTS[i], RESPONSES[i]
+        length = prompt + response
         ids = torch.randint(3, 9, (1, length), generator=g)  # the tiny tokenizer has 10 ids
         loss_mask = torch.zeros(1, length, dtype=torch.int32)
         loss_mask[0, prompt:] = 1

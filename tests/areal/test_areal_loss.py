@@ -10,29 +10,23 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
-import os
 import warnings
 from pathlib import Path
 
 import pytest
 
-try:
-    import areal  # noqa: F401
-except ImportError as exc:
-    if os.environ.get("ESS_PO_REQUIRE_AREAL"):  # .ci/areal.sh: a skip would hide a broken env
-        raise ImportError(f"ESS_PO_REQUIRE_AREAL is set but AReaL does not import: {exc}") from exc
-    pytest.skip(
-        "AReaL tests need the AReaL environment: run .ci/areal.sh (creates .venv-areal)",
-        allow_module_level=True,
-    )
+from ess_po.testing.requirements import require
 
-import torch
-from areal.api.cli_args import GRPOConfig, PPOActorConfig
-from areal.utils import stats_tracker
+# the imports below need AReaL: they follow the skip (E402 on purpose)
+require("areal", "ESS_PO_REQUIRE_AREAL", "AReaL tests need its environment: run .ci/areal.sh")
 
-import ess_po.integrations.areal as adapter
-from ess_po import ess_stats
-from ess_po.integrations.areal import (
+import torch  # noqa: E402
+from areal.api.cli_args import GRPOConfig, PPOActorConfig  # noqa: E402
+from areal.utils import stats_tracker  # noqa: E402
+
+import ess_po.integrations.areal as adapter  # noqa: E402
+from ess_po import ess_stats  # noqa: E402
+from ess_po.integrations.areal import (  # noqa: E402
     ESSActorConfig,
     ESSGRPOConfig,
     ESSLoss,
@@ -163,7 +157,7 @@ def test_ess_metrics_are_recorded_in_the_tracker() -> None:
     assert stats["ppo_actor/update/ess_ratio_max"] == pytest.approx(float(w.max()), rel=1e-6)
     staleness = "ppo_actor/update/version_stats/sample_staleness_theta/avg"
     assert stats[staleness] == 2.0  # version 5 trains tokens of version 3
-    assert "ppo_actor/update/ess_step_free" not in stats  # step scope only
+    assert "ppo_actor/update/ess_step_free" not in stats  # recorded by the actor, per step
 
 
 def test_step_scope_without_statistics_names_the_fix() -> None:

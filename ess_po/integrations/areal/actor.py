@@ -5,7 +5,7 @@ AReaL has no loss registry: ``PPOActor._ppo_update`` (private) computes its stat
 the batch into ``ppo_n_minibatches`` mini-batches and, for each, calls
 ``engine.train_batch(mb, loss_fn=functools.partial(grpo_loss_fn, ...), loss_weight_fn=...)``,
 one optimizer step each. ``ESSPPOActor`` keeps all of that and gives the actor an engine whose
-``train_batch`` swaps AReaL's ``grpo_loss_fn`` for :class:`.loss.ESSLoss`, after computing the
+``train_batch`` swaps AReaL's ``grpo_loss_fn`` for :class:`~ess_po.integrations.areal.ESSLoss`, after computing the
 step's ESS statistics when ``ess_scope="step"``. The private names this relies on (that
 ``_ppo_update`` passes a ``functools.partial`` of ``areal.trainer.ppo.actor.grpo_loss_fn`` with
 the keywords ``current_version`` and ``use_decoupled_loss``) are pinned by
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from areal.engine.fsdp_engine import FSDPPPOActor
 from areal.trainer.ppo import actor as areal_actor
+from areal.utils import stats_tracker
 
 from ess_po import ESSStats, step_stats
 
@@ -80,7 +81,7 @@ class ESSPPOActor(areal_actor.PPOActor):
     inference engine's) with ``use_decoupled_loss=True``, and AReaL's ``π_old`` (recomputed if
     ``recompute_logprob``) otherwise; ``prox_logp`` (recomputed by ``compute_logp``) supplies
     the step's ESS statistics on the free path. The ESS options are read from the config
-    (:class:`.config.ESSActorConfig`; defaults for a plain ``PPOActorConfig``).
+    (:class:`~ess_po.integrations.areal.ESSActorConfig`; defaults for a plain ``PPOActorConfig``).
     """
 
     def __init__(self, config: Any, engine: Any) -> None:
@@ -125,6 +126,8 @@ class ESSPPOActor(areal_actor.PPOActor):
         stats, free = None, False
         if self.ess.ess_scope == "step":
             stats, free = self.step_statistics(input_)
+            # once per optimizer step (a Python bool: no host sync); exported as the mean
+            stats_tracker.scalar(ess_step_free=float(free))
         loss = ESSLoss(
             self.ess.ess_scope,
             stats,

@@ -81,6 +81,7 @@ class ESSOptions(NamedTuple):
 
 
 def check_scope(scope: Any) -> str:
+    """``scope`` if it is one of :data:`ESS_SCOPES`, else a ``ValueError`` naming the choices."""
     if scope not in ESS_SCOPES:
         hint = (
             " One ESS per sequence needs per-sequence reductions of AReaL's packed micro-batches, "

@@ -50,13 +50,13 @@ _UNUSED_INPUTS: Final = {
 
 
 class ESSLoss:
-    """One optimizer step's AReaL loss function (built by :class:`.actor.ESSPPOActor` for each
+    """One optimizer step's AReaL loss function (built by :class:`~ess_po.integrations.areal.ESSPPOActor` for each
     ``engine.train_batch``).
 
     Args:
         ess_scope: ``"step"`` (``stats`` must be given) or ``"call"``.
         stats: the step's ESS statistics (:func:`ess_po.step_stats`), or ``None``.
-        free: whether ``stats`` came from the free path (logged as ``ess_step_free``).
+        free: whether ``stats`` came from the free path.
         current_version: the engine's policy version, for the staleness metrics.
         check_values: the core's host-syncing value checks.
         warned: the set of warnings already given (owned by the actor: each is given once).
@@ -140,10 +140,7 @@ class ESSLoss:
             actor_loss=token.loss.detach().float().view(shape),
             denominator="n_valid_tokens",
         )
-        metrics = token.metrics()
-        if self.ess_scope == "step":
-            metrics["step_free"] = torch.full((), float(self.free), device=valid.device)
-        for key, value in metrics.items():
+        for key, value in token.metrics().items():
             name, how = ESS_METRICS.get(key, (f"ess_{key}", "avg"))
             stats_tracker.stat(
                 **{name: value.float().expand(shape)},

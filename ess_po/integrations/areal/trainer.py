@@ -11,11 +11,11 @@ __all__ = ["ESSPPOTrainer"]
 
 
 class ESSPPOTrainer(PPOTrainer):
-    """AReaL's ``PPOTrainer`` with :class:`.actor.ESSFSDPPPOActor` as the actor engine.
+    """AReaL's ``PPOTrainer`` with :class:`~ess_po.integrations.areal.ESSFSDPPPOActor` as the actor engine.
 
     The one change for an AReaL user: ``ESSPPOTrainer(config, ...)`` where the script had
     ``PPOTrainer(config, ...)``. The ESS options come from ``config.actor``
-    (:class:`.config.ESSActorConfig`, via :class:`.config.ESSGRPOConfig`); a plain
+    (:class:`~ess_po.integrations.areal.ESSActorConfig`, via :class:`~ess_po.integrations.areal.ESSGRPOConfig`); a plain
     ``GRPOConfig`` trains with their defaults. Rollout, reward, reference model, critic and
     weight updates are AReaL's. Only the ``fsdp`` actor backend is supported: with ``megatron``
     or ``archon`` the trainer warns and trains with AReaL's own loss.
