@@ -11,7 +11,8 @@ _NEEDS = {
     "ess_po/testing/verl_harness.py": "verl",
     "ess_po/integrations/trl/*": "trl",
     "ess_po/integrations/areal/*": "areal",
-    "tests/areal/areal_async.py": "areal",
+    "ess_po/testing/areal_async.py": "areal",
+    "ess_po/testing/areal_engine.py": "areal",
     "ess_po/testing/tiny.py": "tokenizers",
 }
 

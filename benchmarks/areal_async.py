@@ -1,7 +1,7 @@
 """Asynchronous training in AReaL 1.0.4 at staleness up to 4: the ESS objective against AReaL's
 own decoupled PPO loss.
 
-Each run is ``tests/areal/areal_async.py`` (one gloo rank under torchrun): AReaL's
+Each run is ``ess_po.testing.areal_async`` (one gloo rank under torchrun): AReaL's
 ``WorkflowExecutor`` with ``max_head_offpolicyness=4`` and its ``StalenessManager``, a stand-in
 inference engine sampling from the trainer's pushed weights, AReaL's FSDP2 actor engine on CPU
 training with ``ESSFSDPPPOActor`` ("ess") or with AReaL's ``PPOActor`` ("grpo": decoupled PPO,
@@ -82,8 +82,7 @@ def measure(args: argparse.Namespace, previous: dict[str, Any] | None) -> dict[s
       ``--sensitivity-lr``, and both on-policy (``max_head_offpolicyness=0``) at ``--lr``: is a
       gap at ``--lr`` due to the staleness or to the step size?
     """
-    sys.path.insert(0, str(ROOT / "tests" / "areal"))
-    from areal_async import run_async  # the run itself lives with the tests
+    from ess_po.testing.areal_async import run_async  # the run, shared with the tests
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]])
@@ -198,7 +197,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{cfg['lr']}, gradient clipping 1; rewards normalised per group, advantages over the "
         "batch (AReaL's gsm8k GRPO example); decoupled loss with recomputed proximal log-probs. "
         f"{cfg['steps']} steps, seeds {cfg['seeds']} for each loss. Made by "
-        "`tests/areal/areal_async.py` (see its docstring for the two AReaL limitations the "
+        "`ess_po.testing.areal_async` (see its docstring for the two AReaL limitations the "
         "setup works around).",
         "",
         "A seed fixes a run (the sampler, the trainer, AReaL's batch shuffle; a 12-step run "

@@ -1,6 +1,6 @@
 """The ESS objective trained asynchronously by AReaL 1.0.4: AReaL's ``WorkflowExecutor`` and
 ``StalenessManager`` (``max_head_offpolicyness=4``) feeding its FSDP2 actor engine on CPU, with
-a stand-in inference engine sampling from pushed weights (``tests/areal/areal_async.py``).
+a stand-in inference engine sampling from pushed weights (``ess_po.testing.areal_async``).
 
 Opt-in: runs in the environment ``.ci/areal.sh`` builds; skipped where AReaL does not import,
 unless ``ESS_PO_REQUIRE_AREAL=1`` (set there) turns the skip into an error. One run for the
@@ -35,7 +35,7 @@ from ess_po.testing.requirements import require
 # the import below needs AReaL: it follows the skip (E402 on purpose)
 require("areal", "ESS_PO_REQUIRE_AREAL", "AReaL tests need its environment: run .ci/areal.sh")
 
-from areal_async import run_async  # noqa: E402
+from ess_po.testing.areal_async import run_async  # noqa: E402
 
 pytestmark = pytest.mark.slow
 K = 4  # max_head_offpolicyness

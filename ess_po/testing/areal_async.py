@@ -4,7 +4,7 @@ inference engine, feeding AReaL's FSDP2 actor engine (gloo, CPU).
 
 Run as one torchrun rank (:func:`run_async` launches it)::
 
-    python tests/areal/areal_async.py OUT --steps N --offpolicyness K --loss {ess,grpo}
+    python -m ess_po.testing.areal_async OUT --steps N --offpolicyness K --loss {ess,grpo}
 
 The pieces, all AReaL's except the two small classes below:
 
@@ -22,7 +22,7 @@ The pieces, all AReaL's except the two small classes below:
   asyncio thread; its ``StalenessManager`` admits a rollout only while
   ``accepted + running < (max_head_offpolicyness + version + 1) * consumer_batch_size``, with
   the stand-in engine as the version provider.
-* The trainer: ``ESSFSDPPPOActor`` built by ``areal_worker.build_engine`` (AReaL's
+* The trainer: ``ESSFSDPPPOActor`` built by ``ess_po.testing.areal_engine.build_engine`` (AReaL's
   ``FSDPPPOActor`` with the ESS loss), decoupled mode, recomputed proximal log-probs, rewards
   normalised per group and advantages over the batch (``NormConfig``, as AReaL's gsm8k GRPO
   example), per step ``compute_logp`` -> ``compute_advantages`` -> ``ppo_update`` ->
@@ -82,7 +82,6 @@ from areal.api.engine_api import InferenceEngine
 from areal.api.io_struct import ModelRequest, ModelResponse
 from areal.api.workflow_api import RolloutWorkflow
 
-HERE = Path(__file__).resolve()
 LOSSES = ("ess", "grpo")
 UPDATE = "ppo_actor/update/"
 #: exported stats kept in each step's record (the ESS ones exist only with the ESS loss)
@@ -127,7 +126,7 @@ def run_async(
     for key, value in options.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     env = child_env(AREAL_LOG_LEVEL="WARNING", PYTHONWARNINGS="ignore")
-    run_ranks(HERE, 1, args, env=env, timeout=timeout)
+    run_ranks("ess_po.testing.areal_async", 1, args, env=env, timeout=timeout)
     return json.loads((out / f"async_{loss}.json").read_text())
 
 
@@ -388,9 +387,9 @@ def main() -> int:
     from areal.trainer.ppo.actor import PPOActor
     from areal.utils import stats_tracker
     from areal.utils.data import cycle_dataloader
-    from areal_worker import build_engine
     from torchdata.stateful_dataloader import StatefulDataLoader
 
+    from ess_po.testing.areal_engine import build_engine
     from ess_po.testing.tiny import build_task_dataset, build_tiny_tokenizer
 
     out: Path = args.out
