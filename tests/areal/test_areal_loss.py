@@ -33,6 +33,7 @@ from ess_po.integrations.areal import (  # noqa: E402
     ess_options,
     ignored_options,
 )
+from ess_po.testing.reference import naive_ess_loss  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -64,16 +65,10 @@ def packed(n: int = 23, seed: int = 0, dtype: torch.dtype = torch.float32):
 
 
 def naive(new: torch.Tensor, data: dict, ess: float | None = None) -> torch.Tensor:
-    """The token mean of ``-min(w, ESS) A logp + (1 - ESS)(d + e^-d - 1)``, float64."""
-    m = data["loss_mask"].bool()
-    lp = new.double()
-    d = lp - data["logprobs"].double()
-    w = d.detach().exp()
-    if ess is None:
-        ess = float(w[m].sum() ** 2 / (m.sum() * (w[m] ** 2).sum()))
-    per = -torch.minimum(w, torch.tensor(ess, dtype=torch.float64)) * data["advantages"] * lp
-    per = per + (1 - ess) * (d + torch.exp(-d) - 1)
-    return torch.where(m, per, 0.0).sum() / m.sum()
+    """:func:`ess_po.testing.reference.naive_ess_loss` on the packed micro-batch (one row)."""
+    row = (1, -1)
+    fields = (data["logprobs"], data["advantages"], data["loss_mask"])
+    return naive_ess_loss(new.view(row), *(x.view(row) for x in fields), ess=ess)
 
 
 @pytest.mark.parametrize("scope", ["call", "step"])

@@ -18,11 +18,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import naive_ess_loss, reinforce_loss
 
 import ess_po
 from ess_po import effective_sample_size, ess_policy_loss, ess_stats, ess_token_loss
 from ess_po.testing.batches import make_batch
+from ess_po.testing.reference import naive_ess_loss, reinforce_loss
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"]
 SCOPES = ["call", "sequence"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import naive_ess, naive_ess_loss
 
 from ess_po import ESSStats, ess_policy_loss, ess_stats, ess_token_loss, step_stats
+from ess_po.testing.reference import naive_ess, naive_ess_loss
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"]
 

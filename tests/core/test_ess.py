@@ -7,9 +7,9 @@ import math
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import naive_ess
 
 from ess_po import ESSStats, effective_sample_size, ess_stats
+from ess_po.testing.reference import naive_ess
 
 log_ratios = st.lists(
     st.floats(min_value=-30, max_value=30, allow_nan=False, width=64), min_size=1, max_size=40

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from reference import naive_ess_loss, reinforce_loss
 
 from ess_po import ess_policy_loss, ess_stats
 from ess_po.testing.batches import make_batch
+from ess_po.testing.reference import naive_ess_loss, reinforce_loss
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum"]
 SCOPES = ["call", "sequence"]

@@ -5,11 +5,13 @@ AReaL has no loss registry: ``PPOActor._ppo_update`` (private) computes its stat
 the batch into ``ppo_n_minibatches`` mini-batches and, for each, calls
 ``engine.train_batch(mb, loss_fn=functools.partial(grpo_loss_fn, ...), loss_weight_fn=...)``,
 one optimizer step each. ``ESSPPOActor`` keeps all of that and gives the actor an engine whose
-``train_batch`` swaps AReaL's ``grpo_loss_fn`` for :class:`~ess_po.integrations.areal.ESSLoss`, after computing the
-step's ESS statistics when ``ess_scope="step"``. The private names this relies on (that
-``_ppo_update`` passes a ``functools.partial`` of ``areal.trainer.ppo.actor.grpo_loss_fn`` with
-the keywords ``current_version`` and ``use_decoupled_loss``) are pinned by
-``tests/areal/test_areal_contract.py``.
+``train_batch`` swaps AReaL's ``grpo_loss_fn`` for :class:`~ess_po.integrations.areal.ESSLoss`,
+after computing the step's ESS statistics when ``ess_scope="step"``. The private names this
+relies on (that ``_ppo_update`` passes a ``functools.partial`` of
+``areal.trainer.ppo.actor.grpo_loss_fn`` with the keyword ``current_version`` to
+``engine.train_batch``) are pinned by ``test_areal_private_names_the_adapter_depends_on`` in
+``tests/areal/test_areal_loss.py``; the engine tests check that every step trains with
+``ESSLoss``.
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ class ESSPPOActor(areal_actor.PPOActor):
     inference engine's) with ``use_decoupled_loss=True``, and AReaL's ``π_old`` (recomputed if
     ``recompute_logprob``) otherwise; ``prox_logp`` (recomputed by ``compute_logp``) supplies
     the step's ESS statistics on the free path. The ESS options are read from the config
-    (:class:`~ess_po.integrations.areal.ESSActorConfig`; defaults for a plain ``PPOActorConfig``).
+    (:class:`~ess_po.integrations.areal.ESSActorConfig`; defaults for a plain
+    ``PPOActorConfig``).
     """
 
     def __init__(self, config: Any, engine: Any) -> None:

@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 import torch
+from areal.utils import stats_tracker
+from areal.utils.stats_tracker import ReduceType
 
 from ess_po import ESSStats, ess_token_loss
 
@@ -50,8 +52,8 @@ _UNUSED_INPUTS: Final = {
 
 
 class ESSLoss:
-    """One optimizer step's AReaL loss function (built by :class:`~ess_po.integrations.areal.ESSPPOActor` for each
-    ``engine.train_batch``).
+    """One optimizer step's AReaL loss function (built by
+    :class:`~ess_po.integrations.areal.ESSPPOActor` for each ``engine.train_batch``).
 
     Args:
         ess_scope: ``"step"`` (``stats`` must be given) or ``"call"``.
@@ -123,17 +125,15 @@ class ESSLoss:
     ) -> None:
         """AReaL's per-token statistics (its names, its ``n_valid_tokens`` denominator) and the
         ESS diagnostics; tensors only, reduced by the tracker at export (no host sync here)."""
-        from areal.utils import stats_tracker
-        from areal.utils.stats_tracker import ReduceType
-
         reduce = {"avg": ReduceType.AVG, "min": ReduceType.MIN, "max": ReduceType.MAX}
         shape = valid.shape
         new_logp = logprobs.detach().float()
         old_logp = input_data["logprobs"].detach().float()
+        log_ratio = new_logp - old_logp
         stats_tracker.denominator(n_valid_tokens=valid)
         stats_tracker.stat(
-            importance_weight=torch.exp(new_logp - old_logp),
-            approx_kl=new_logp - old_logp,
+            importance_weight=torch.exp(log_ratio),
+            approx_kl=log_ratio,
             new_logp=new_logp,
             old_logp=old_logp,
             entropy=entropy.detach().float(),

@@ -11,17 +11,20 @@ __all__ = ["ESSPPOTrainer"]
 
 
 class ESSPPOTrainer(PPOTrainer):
-    """AReaL's ``PPOTrainer`` with :class:`~ess_po.integrations.areal.ESSFSDPPPOActor` as the actor engine.
+    """AReaL's ``PPOTrainer`` with :class:`~ess_po.integrations.areal.ESSFSDPPPOActor` as the
+    actor engine.
 
     The one change for an AReaL user: ``ESSPPOTrainer(config, ...)`` where the script had
     ``PPOTrainer(config, ...)``. The ESS options come from ``config.actor``
-    (:class:`~ess_po.integrations.areal.ESSActorConfig`, via :class:`~ess_po.integrations.areal.ESSGRPOConfig`); a plain
-    ``GRPOConfig`` trains with their defaults. Rollout, reward, reference model, critic and
+    (:class:`~ess_po.integrations.areal.ESSActorConfig`, via
+    :class:`~ess_po.integrations.areal.ESSGRPOConfig`); a plain ``GRPOConfig`` trains with their
+    defaults. Rollout, reward, reference model, critic and
     weight updates are AReaL's. Only the ``fsdp`` actor backend is supported: with ``megatron``
     or ``archon`` the trainer warns and trains with AReaL's own loss.
 
-    Relies on the private ``PPOTrainer._create_train_engine(actor_config, alloc)`` (pinned by
-    ``tests/areal/test_areal_contract.py``).
+    Relies on the private ``PPOTrainer._create_train_engine(actor_config, alloc)`` (its signature
+    pinned in ``tests/areal/test_areal_loss.py``; built in SPMD mode by
+    ``test_trainer_builds_the_ess_actor_engine``).
     """
 
     def _create_train_engine(self, actor_config: Any, alloc: Any) -> Any:

@@ -1,6 +1,7 @@
 """A deliberately naive reference of the ESS objective, written straight from the formula.
 
 Plain autograd in float64, boolean masks, per-sequence Python loops: slow and obviously right.
+The core's tests and the AReaL tests (inside AReaL's engine) compare against it.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ def naive_ess_loss(
     normalizer: float | None = None,
     ess_scope: str = "call",
     rollout_weights: torch.Tensor | None = None,
+    ess: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The loss as a float64 scalar, differentiable w.r.t. ``logp_new`` by autograd."""
+    """The loss as a float64 scalar, differentiable w.r.t. ``logp_new`` by autograd.
+
+    ``ess``: a given ESS for every token (e.g. the whole optimizer step's) instead of the one
+    computed here over ``ess_scope``'s tokens."""
     B, T = logp_new.shape
     lp = logp_new.double()
     lo = logp_old.double().detach()
@@ -36,7 +41,9 @@ def naive_ess_loss(
     c = torch.ones(B, T, dtype=torch.float64) if rollout_weights is None else rollout_weights
     c = c.double()
     d_det = (lp - lo).detach()
-    if ess_scope == "call":
+    if ess is not None:
+        ess = torch.as_tensor(ess, dtype=torch.float64).expand(B)
+    elif ess_scope == "call":
         ess = naive_ess(d_det, m).expand(B)
     else:
         ess = torch.stack([naive_ess(d_det[b], m[b]) for b in range(B)])
