@@ -333,7 +333,7 @@ def test_fused_saves_less_for_backward() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "int"])
 def test_compiled_equals_eager_changing_shapes(mask_kind) -> None:
     torch._dynamo.reset()
 
@@ -350,7 +350,7 @@ def test_compiled_equals_eager_changing_shapes(mask_kind) -> None:
         ((7, 9), "sequence", "seq-mean-token-mean"),
     ):
         b = make_batch(B, T, seed=B, dtype=torch.float32, empty_rows=1)
-        mask = b.mask if mask_kind == "bool" else b.mask.float()
+        mask = {"bool": b.mask, "float": b.mask.float(), "int": b.mask.long()}[mask_kind]
         lo = b.logp_old.clone()
         lo[~b.mask] = float("nan")
         results = []
@@ -364,3 +364,30 @@ def test_compiled_equals_eager_changing_shapes(mask_kind) -> None:
             torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-7)
         assert (gc[~b.mask] == 0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask_kind", ["float", "int"])
+def test_compiled_backward_saves_no_bool_mask(mask_kind) -> None:
+    """Compiled with a float or integer mask, the backward keeps float tensors only: the
+    partitioner would otherwise save a fresh bool ``mask != 0``, which Inductor's CPU code writes
+    and reads several times slower than floats (``ess_po._fused._materialized``)."""
+    torch._dynamo.reset()
+    b = make_batch(4, 64, seed=3, dtype=torch.float32)
+    mask = b.mask.float() if mask_kind == "float" else b.mask.long()
+    compiled = torch.compile(
+        lambda lp, lo, adv, m: ess_policy_loss(lp, lo, adv, m).loss, fullgraph=True
+    )
+    lp = b.logp_new.detach().requires_grad_(True)
+    compiled(lp, b.logp_old, b.advantages, mask)
+    saved = []
+
+    def pack(t):
+        saved.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = compiled(lp, b.logp_old, b.advantages, mask)
+    loss.backward()
+    assert saved and torch.bool not in saved, saved
+    assert torch.isfinite(lp.grad).all() and (lp.grad[~b.mask] == 0).all()
