@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--compiled-masks",
         nargs="+",
-        default=["bool", "float"],
+        default=MASKS,
         choices=MASKS,
         help="masks also measured compiled (default: %(default)s)",
     )

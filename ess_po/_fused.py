@@ -16,6 +16,10 @@ computed in fewer passes over the ``(B, T)`` tokens; :data:`ENABLED` chooses bet
   inf). Under ``create_graph`` it recomputes the gradient with differentiable operations from
   the saved inputs, so second derivatives are the reference's, :math:`(1-\mathrm{ESS})\,
   e^{-d}` on the diagonal above the tail and 0 below it.
+* :func:`ess_po.ess_policy_loss`'s token modes (token-mean, token-sum) take the two sums over
+  the tokens directly (``_ESSTerms`` with ``sums``: a dot product for the policy term, and the
+  ``sum k3`` the diagnostics need anyway for the regulariser): no ``(B, T)`` loss, policy or
+  regulariser terms are formed, and the backward receives 0-dim gradients.
 
 Masking without ``torch.where`` in eager mode: on the CPU a boolean select costs about twenty
 arithmetic passes, and a multiplication by a 0/1 mask lets ``0 * NaN`` through. Masked positions
@@ -159,53 +163,79 @@ def _broadcast_small(g: torch.Tensor) -> torch.Tensor:
 class _ESSTerms(torch.autograd.Function):
     """The per-token terms from the tensors of the no-grad passes, with the closed-form gradient.
 
-    Inputs: ``logp_new`` (the only differentiable one; its values are not read), the sanitised
-    ``lp``, ``w1 = -rho c A`` and ``em`` (0 at masked positions), ``k3``, ``1 - ESS``, and what a
-    double backward needs to recompute ``d``: ``logp_old``, the mask and the tail."""
+    Inputs: ``sums`` (return the 0-dim sums of the policy and regulariser terms instead of the
+    ``(B, T)`` loss, policy and regulariser terms), ``logp_new`` (the only differentiable one;
+    its values are not read), the sanitised ``lp``, ``w1 = -rho c A`` and ``em`` (0 at masked
+    positions), ``k3``, ``1 - ESS``, and what a double backward needs to recompute ``d``:
+    ``logp_old``, the mask and the tail."""
 
     @staticmethod
-    def forward(ctx, logp_new, lp, w1, em, k3, one_minus_ess, logp_old, mask, tail):  # type: ignore[override]
+    def forward(ctx, sums, logp_new, lp, w1, em, k3, one_minus_ess, logp_old, mask, tail):  # type: ignore[override]
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logp_new, w1, em, one_minus_ess, logp_old, mask)
-        ctx.tail = tail
-        return _terms(lp, w1, k3, one_minus_ess)
+        ctx.tail, ctx.sums = tail, sums
+        return (_sums if sums else _terms)(lp, w1, k3, one_minus_ess)
 
     @staticmethod
-    def backward(ctx, g_loss, g_pol, g_reg):  # type: ignore[override]
-        logp_new, w1, em, one_minus_ess, logp_old, mask = ctx.saved_tensors
-        if g_loss is not None:
-            g_pol = g_loss if g_pol is None else g_pol + g_loss
-            g_reg = g_loss if g_reg is None else g_reg + g_loss
-        if g_pol is None and g_reg is None:
-            return (None,) * 9
-        if torch.is_grad_enabled():
-            # create_graph: the same gradient from differentiable operations on logp_new, so
-            # the second derivative is (1 - ESS) e^{-d} (0 below the tail and where masked).
-            valid = mask if mask.dtype == torch.bool else mask != 0
-            lp = torch.where(valid, logp_new.to(w1.dtype), 0.0)
-            lo = torch.where(valid, logp_old.detach().to(w1.dtype), 0.0)
-            em = torch.expm1(-torch.clamp(lp - lo, min=-ctx.tail))
-            grad = 0.0
-            if g_pol is not None:
-                grad = grad + w1 * g_pol
-            if g_reg is not None:
-                grad = grad - em * (g_reg * one_minus_ess)
-            return (grad.to(logp_new.dtype),) + (None,) * 8
-        if g_pol is None:
-            return (torch.mul(em, g_reg * one_minus_ess.neg()).to(logp_new.dtype),) + (None,) * 8
-        if g_reg is None:
-            return (torch.mul(w1, _broadcast_small(g_pol)).to(logp_new.dtype),) + (None,) * 8
-        # A NaN ESS (a NaN at a valid position) already makes w1 NaN at every valid position;
-        # its 0 here keeps masked positions at an exact 0 (em = 0 there), as the reference.
-        coef = _broadcast_small(g_reg) * one_minus_ess.neg().nan_to_num(nan=0.0)
-        grad = torch.mul(w1, _broadcast_small(g_pol)).addcmul_(em, coef)
-        return (grad.to(logp_new.dtype),) + (None,) * 8
+    def backward(ctx, *grads):  # type: ignore[override]
+        if ctx.sums:
+            g_pol, g_reg = grads
+        else:
+            g_loss, g_pol, g_reg = grads
+            if g_loss is not None:
+                g_pol = g_loss if g_pol is None else g_pol + g_loss
+                g_reg = g_loss if g_reg is None else g_reg + g_loss
+        return (None, _grad(ctx, g_pol, g_reg)) + (None,) * 8
+
+
+def _grad(ctx, g_pol: torch.Tensor | None, g_reg: torch.Tensor | None) -> torch.Tensor | None:
+    """``logp_new``'s gradient from the upstream gradients of the policy and regulariser terms
+    (``(B, T)``, broadcast, or 0-dim for the sums; ``None`` where a term is unused)."""
+    logp_new, w1, em, one_minus_ess, logp_old, mask = ctx.saved_tensors
+    if g_pol is None and g_reg is None:
+        return None
+    if torch.is_grad_enabled():
+        # create_graph: the same gradient from differentiable operations on logp_new, so
+        # the second derivative is (1 - ESS) e^{-d} (0 below the tail and where masked).
+        valid = mask if mask.dtype == torch.bool else mask != 0
+        lp = torch.where(valid, logp_new.to(w1.dtype), 0.0)
+        lo = torch.where(valid, logp_old.detach().to(w1.dtype), 0.0)
+        em = torch.expm1(-torch.clamp(lp - lo, min=-ctx.tail))
+        grad = 0.0
+        if g_pol is not None:
+            grad = grad + w1 * g_pol
+        if g_reg is not None:
+            grad = grad - em * (g_reg * one_minus_ess)
+        return grad.to(logp_new.dtype)
+    if g_pol is None:
+        return torch.mul(em, g_reg * one_minus_ess.neg()).to(logp_new.dtype)
+    if g_reg is None:
+        return torch.mul(w1, _broadcast_small(g_pol)).to(logp_new.dtype)
+    # A NaN ESS (a NaN at a valid position) already makes w1 NaN at every valid position;
+    # its 0 here keeps masked positions at an exact 0 (em = 0 there), as the reference.
+    coef = _broadcast_small(g_reg) * one_minus_ess.neg().nan_to_num(nan=0.0)
+    grad = torch.mul(w1, _broadcast_small(g_pol)).addcmul_(em, coef)
+    return grad.to(logp_new.dtype)
 
 
 def _terms(lp, w1, k3, one_minus_ess):
     policy = w1 * lp
     regularizer = k3 * one_minus_ess
     return policy + regularizer, policy, regularizer
+
+
+def _sums(lp, w1, k3, one_minus_ess):
+    """The sums of :func:`_terms`' policy and regulariser terms: ``sum(w1 lp)`` and
+    ``sum_rows((1 - ESS) sum_t k3)``, with no ``(B, T)`` product left behind."""
+    if torch.compiler.is_compiling() or not (w1.is_contiguous() and lp.is_contiguous()):
+        policy = (w1 * lp).sum()
+    else:
+        policy = torch.dot(w1.reshape(-1), lp.reshape(-1))  # autocast is off here
+    if one_minus_ess.dim() == 0:
+        regularizer = k3.sum() * one_minus_ess
+    else:  # one ESS per row: (B, 1)
+        regularizer = torch.dot(k3.sum(dim=-1), one_minus_ess.reshape(-1))
+    return policy, regularizer
 
 
 def fused_token_terms(
@@ -220,8 +250,11 @@ def fused_token_terms(
     stats: ESSStats | None,
     cdtype: torch.dtype,
     tail: float,
+    sums: bool = False,
 ) -> ESSLossOutput:
-    """``_token_terms`` of :mod:`ess_po.objective` in the fused passes (see the module doc)."""
+    """``_token_terms`` of :mod:`ess_po.objective` in the fused passes (see the module doc);
+    with ``sums``, ``loss``, ``policy_loss`` and ``regularizer_loss`` are the 0-dim sums over the
+    tokens instead of ``(B, T)`` terms."""
     compiling = torch.compiler.is_compiling()
     with torch.no_grad():
         m = _Mask(mask, cdtype, compiling)
@@ -270,12 +303,16 @@ def fused_token_terms(
             local, low, excess, capped, k3.sum(), log_ess, ess, per_sequence
         )
 
+    args = (lp, w1, k3, one_minus_ess)
     if logp_new.requires_grad and torch.is_grad_enabled():
-        loss, policy, regularizer = _ESSTerms.apply(
-            logp_new, lp, w1, em, k3, one_minus_ess, logp_old, mask, tail
-        )
+        terms = _ESSTerms.apply(sums, logp_new, lp, w1, em, k3, one_minus_ess, logp_old, mask, tail)
     else:
-        loss, policy, regularizer = _terms(lp, w1, k3, one_minus_ess)
+        terms = _sums(*args) if sums else _terms(*args)
+    if sums:
+        policy, regularizer = terms
+        loss = policy + regularizer
+    else:
+        loss, policy, regularizer = terms
     from ess_po.objective import output  # objective imports this module
 
     return output(loss, policy, regularizer, diagnostics)

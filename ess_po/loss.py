@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 
 from ess_po._validation import check_choice, check_normalizer, check_normalizer_value, check_tensor
-from ess_po.aggregation import aggregate
-from ess_po.objective import ess_token_loss
+from ess_po.aggregation import aggregate, normalize
+from ess_po.objective import checked_token_terms
 from ess_po.types import AGG_MODES, AggMode, ESSLossOutput, ESSScope, ESSStats
 
 
@@ -119,26 +119,22 @@ def ess_policy_loss(
     normalizer = check_normalizer(normalizer, loss_agg_mode, logp_new.device)
     if check_values:
         check_normalizer_value(normalizer)
-    tok = ess_token_loss(
-        logp_new,
-        logp_old,
-        advantages,
-        mask,
-        ess_scope=ess_scope,
-        rollout_weights=rollout_weights,
-        process_group=process_group,
-        sync_ess=sync_ess,
-        stats=stats,
-        check_values=check_values,
-    )
-    # The token modes need only the count the core already made (no second pass over a float
-    # mask); the seq-mean modes count per row.
-    valid = None
-    if loss_agg_mode.startswith("seq-mean"):
+    # The token modes need only the sums over the tokens (no (B, T) products, no second pass
+    # over a float mask); the seq-mean modes need the per-token terms and count per row.
+    token_mode = not loss_agg_mode.startswith("seq-mean")
+    tok = checked_token_terms(
+        logp_new, logp_old, advantages, mask, ess_scope, rollout_weights, process_group,
+        sync_ess, stats, check_values, sums=token_mode,
+    )  # fmt: skip
+    if token_mode:
+        policy_loss = normalize(tok.policy_loss, loss_agg_mode, normalizer, tok.num_tokens)
+        regularizer_loss = normalize(
+            tok.regularizer_loss, loss_agg_mode, normalizer, tok.num_tokens
+        )
+    else:
         valid = mask if mask.dtype == torch.bool else mask != 0
-    n = tok.num_tokens
-    policy_loss = aggregate(tok.policy_loss, valid, loss_agg_mode, normalizer, n)
-    regularizer_loss = aggregate(tok.regularizer_loss, valid, loss_agg_mode, normalizer, n)
+        policy_loss = aggregate(tok.policy_loss, valid, loss_agg_mode, normalizer)
+        regularizer_loss = aggregate(tok.regularizer_loss, valid, loss_agg_mode, normalizer)
     return tok._replace(
         loss=policy_loss + regularizer_loss,
         policy_loss=policy_loss.detach().float(),

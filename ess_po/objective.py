@@ -81,13 +81,21 @@ def _token_terms(
     process_group: dist.ProcessGroup | None,
     sync_ess: bool,
     stats: ESSStats | None,
+    sums: bool = False,
 ) -> ESSLossOutput:
+    """The per-token terms (``(B, T)``), or with ``sums`` their 0-dim sums over the tokens."""
     args = (logp_new, logp_old, advantages, mask, per_sequence, rollout_weights, process_group)
     if _fused.ENABLED:  # the fused passes: same terms, fewer passes
         cdtype = compute_dtype(logp_new, logp_old, advantages, rollout_weights)
         tail = REGULARIZER_LINEAR_TAIL
-        return _fused.fused_token_terms(*args, sync_ess, stats, cdtype, tail)
-    return _token_terms_reference(*args, sync_ess, stats)
+        return _fused.fused_token_terms(*args, sync_ess, stats, cdtype, tail, sums)
+    out = _token_terms_reference(*args, sync_ess, stats)
+    if sums:
+        policy, regularizer = out.policy_loss.sum(), out.regularizer_loss.sum()
+        out = out._replace(
+            loss=policy + regularizer, policy_loss=policy, regularizer_loss=regularizer
+        )
+    return out
 
 
 # --- end of dispatch ----------------------------------------------------------------------------
@@ -260,6 +268,27 @@ def ess_token_loss(
         >>> out.ess, out.capped_mass
         (tensor(1.), tensor(0.))
     """
+    return checked_token_terms(
+        logp_new, logp_old, advantages, mask, ess_scope, rollout_weights, process_group,
+        sync_ess, stats, check_values, sums=False,
+    )  # fmt: skip
+
+
+def checked_token_terms(
+    logp_new: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ess_scope: ESSScope | None,
+    rollout_weights: torch.Tensor | None,
+    process_group: dist.ProcessGroup | None,
+    sync_ess: bool,
+    stats: ESSStats | None,
+    check_values: bool,
+    sums: bool,
+) -> ESSLossOutput:
+    """:func:`ess_token_loss` (``sums=False``), or the 0-dim sums of its three terms over the
+    tokens (``sums=True``, for :func:`ess_po.ess_policy_loss`'s token modes)."""
     ess_scope = resolve_scope(ess_scope, stats)
     check_loss_inputs(logp_new, logp_old, advantages, mask, rollout_weights)
     if stats is not None:
@@ -277,4 +306,5 @@ def ess_token_loss(
             process_group,
             sync_ess,
             stats,
+            sums,
         )
