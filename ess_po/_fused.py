@@ -128,10 +128,11 @@ def _into(buf: torch.Tensor | None) -> dict:
 
 def fused_stats(
     d: torch.Tensor, m: _Mask, dim: int | None, need_low: bool = True
-) -> tuple[ESSStats, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+) -> tuple[ESSStats, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Statistics of the sanitised log ratios ``d`` (0 at masked positions), the shifted ratios
     ``exp(d - shift)`` (0 at masked positions), the smallest valid log ratio (``+_PAD`` where
-    there is none, over everything) and a free scratch buffer of ``d``'s shape."""
+    there is none, over everything), a free scratch buffer of ``d``'s shape and the shifted sum
+    of ratios (``exp(log_s1)``)."""
     maskf = m.maskf
     pad = torch.sub(maskf, 1.0).mul_(_PAD)  # 0 at valid positions, -1e30 at masked ones
     count = _sum(maskf, dim)
@@ -149,7 +150,7 @@ def fused_stats(
         s2 = torch.dot(e.reshape(-1), e.reshape(-1))  # autocast is off here
     else:
         s2 = _sum(e * e, dim)
-    return ESSStats(shift, torch.log(s1), torch.log(s2), count), e, low, scratch
+    return ESSStats(shift, torch.log(s1), torch.log(s2), count), e, low, scratch, s1
 
 
 def _broadcast_small(g: torch.Tensor) -> torch.Tensor:
@@ -166,7 +167,7 @@ class _ESSTerms(torch.autograd.Function):
     Inputs: ``sums`` (return the 0-dim sums of the policy and regulariser terms instead of the
     ``(B, T)`` loss, policy and regulariser terms), ``logp_new`` (the only differentiable one;
     its values are not read), the sanitised ``lp``, ``w1 = -rho c A`` and ``em`` (0 at masked
-    positions), ``k3``, ``1 - ESS``, and what a double backward needs to recompute ``d``:
+    positions), ``k3`` (with ``sums``, its sum over the tokens one ESS covers), ``1 - ESS``, and what a double backward needs to recompute ``d``:
     ``logp_old``, the mask and the tail."""
 
     @staticmethod
@@ -224,18 +225,16 @@ def _terms(lp, w1, k3, one_minus_ess):
     return policy + regularizer, policy, regularizer
 
 
-def _sums(lp, w1, k3, one_minus_ess):
-    """The sums of :func:`_terms`' policy and regulariser terms: ``sum(w1 lp)`` and
-    ``sum_rows((1 - ESS) sum_t k3)``, with no ``(B, T)`` product left behind."""
+def _sums(lp, w1, k3_sum, one_minus_ess):
+    """The sums of :func:`_terms`' policy and regulariser terms, ``sum(w1 lp)`` and
+    ``sum((1 - ESS) k3_sum)``, with no ``(B, T)`` product left behind; ``k3_sum`` is the sum of
+    ``k3`` over the tokens one ESS covers (0-dim, or ``(B, 1)`` per sequence)."""
     if torch.compiler.is_compiling() or not (w1.is_contiguous() and lp.is_contiguous()):
         policy = (w1 * lp).sum()
     else:
         policy = torch.dot(w1.reshape(-1), lp.reshape(-1))  # autocast is off here
-    if one_minus_ess.dim() == 0:
-        regularizer = k3.sum() * one_minus_ess
-    else:  # one ESS per row: (B, 1)
-        regularizer = torch.dot(k3.sum(dim=-1), one_minus_ess.reshape(-1))
-    return policy, regularizer
+    regularizer = k3_sum * one_minus_ess
+    return policy, regularizer if regularizer.dim() == 0 else regularizer.sum()
 
 
 def fused_token_terms(
@@ -263,7 +262,7 @@ def fused_token_terms(
         lp = m.keep(logp_new.detach().to(cdtype), inplace=logp_new.dtype != cdtype)
         d = m.keep(logp_old.detach().to(cdtype), inplace=logp_old.dtype != cdtype)
         d = torch.sub(lp, d, **_into(d))  # a fresh buffer: the sanitised logp_old
-        local, e, low, scratch = fused_stats(d, m, dim)
+        local, e, low, scratch, s1 = fused_stats(d, m, dim)
         if per_sequence:
             log_ess = local.log_ess().unsqueeze(-1)
         elif stats is not None:
@@ -286,6 +285,7 @@ def fused_token_terms(
         em = torch.neg(dc).expm1_()  # e^{-dc} - 1 = -k3'(d); 0 at masked positions
         beyond = d.sub_(dc)
         k3 = dc.add_(em).add_(beyond, alpha=1.0 - math.exp(tail))
+        k3_sum = k3.sum()
 
         # The ratio from the regulariser's exponential: w = 1 / (1 + em) = e^d above -L (only
         # min(w, ESS) is used, exact where uncapped: d < 0, where 1 + em >= 1).
@@ -300,14 +300,15 @@ def fused_token_terms(
             w1 = _materialized(w1)
 
         diagnostics = _fused_diagnostics(
-            local, low, excess, capped, k3.sum(), log_ess, ess, per_sequence
+            local, low, excess, capped, k3_sum, log_ess, ess, per_sequence, s1
         )
 
-    args = (lp, w1, k3, one_minus_ess)
+    if sums:  # the regulariser needs only the sum of k3 over the tokens one ESS covers
+        k3 = k3.sum(dim=-1, keepdim=True) if per_sequence else k3_sum
     if logp_new.requires_grad and torch.is_grad_enabled():
         terms = _ESSTerms.apply(sums, logp_new, lp, w1, em, k3, one_minus_ess, logp_old, mask, tail)
     else:
-        terms = _sums(*args) if sums else _terms(*args)
+        terms = (_sums if sums else _terms)(lp, w1, k3, one_minus_ess)
     if sums:
         policy, regularizer = terms
         loss = policy + regularizer
@@ -327,11 +328,14 @@ def _fused_diagnostics(
     log_ess: torch.Tensor,
     ess: torch.Tensor,
     per_sequence: bool,
+    s1: torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
     """The reference's diagnostics (``ess_po.objective._diagnostics``) from the reductions of
     the fused passes."""
     from ess_po.objective import _combine_shifted, ess_summary  # objective imports this module
 
+    if not per_sequence:
+        return _batch_diagnostics(local, s1, low, excess, capped, k3_sum, ess)
     n = local.count.sum()
     n_safe = n.clamp(min=1.0)
     has_tokens = n > 0
@@ -354,3 +358,38 @@ def _fused_diagnostics(
         n,
     )
     return tuple(v.reshape(()).to(torch.float32) for v in values)
+
+
+def _batch_diagnostics(
+    local: ESSStats,
+    s1: torch.Tensor,
+    low: torch.Tensor,
+    excess: torch.Tensor,
+    capped: torch.Tensor,
+    k3_sum: torch.Tensor,
+    ess: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`_fused_diagnostics` for one group of tokens (call and step scope), where the
+    reference's reductions over groups collapse; a third of the scalar operations, which is
+    what a small batch's time goes on (``benchmarks/loss_cost.py``)."""
+    n = local.count
+    has_tokens = n > 0
+    n_safe = n.clamp(min=1.0)
+    fmax = torch.finfo(torch.float32).max
+    # The shift is 0 when there are no tokens, so exp(shift), the largest ratio, is then 1.
+    ratio_max = torch.exp(local.shift).clamp_(max=fmax)
+    ratio_mean = torch.where(has_tokens, torch.exp(local.log_sum_w - torch.log(n_safe)), 1.0)
+    # excess and s1 are in the same shifted units; NaN statistics report 0, as the reference.
+    capped_mass = torch.where(s1 > 0, excess / s1.clamp(min=torch.finfo(s1.dtype).tiny), 0.0)
+    values = (
+        ess,
+        ess,
+        capped / n_safe,
+        capped_mass,
+        k3_sum / n_safe,
+        ratio_mean.clamp_(max=fmax),
+        ratio_max,
+        torch.where(has_tokens, torch.exp(low), 1.0),
+        n,
+    )
+    return tuple(v if v.dtype == torch.float32 else v.float() for v in values)

@@ -46,7 +46,7 @@ def normalize(
     if mode == "token-sum":
         return total
     if normalizer is None:
-        return total / count.clamp(min=1).to(total.dtype)  # type: ignore[union-attr]
-    if isinstance(normalizer, torch.Tensor):
-        return total / normalizer.to(total.dtype)
+        normalizer = count.clamp(min=1)  # type: ignore[union-attr]
+    if isinstance(normalizer, torch.Tensor) and normalizer.dtype != total.dtype:
+        normalizer = normalizer.to(total.dtype)
     return total / normalizer

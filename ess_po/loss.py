@@ -127,16 +127,21 @@ def ess_policy_loss(
         sync_ess, stats, check_values, sums=token_mode,
     )  # fmt: skip
     if token_mode:
-        policy_loss = normalize(tok.policy_loss, loss_agg_mode, normalizer, tok.num_tokens)
-        regularizer_loss = normalize(
-            tok.regularizer_loss, loss_agg_mode, normalizer, tok.num_tokens
-        )
+        if loss_agg_mode == "token-mean" and normalizer is None:
+            normalizer = tok.num_tokens.clamp(min=1.0)  # once for both terms
+        policy_loss = normalize(tok.policy_loss, loss_agg_mode, normalizer, None)
+        regularizer_loss = normalize(tok.regularizer_loss, loss_agg_mode, normalizer, None)
     else:
         valid = mask if mask.dtype == torch.bool else mask != 0
         policy_loss = aggregate(tok.policy_loss, valid, loss_agg_mode, normalizer)
         regularizer_loss = aggregate(tok.regularizer_loss, valid, loss_agg_mode, normalizer)
     return tok._replace(
         loss=policy_loss + regularizer_loss,
-        policy_loss=policy_loss.detach().float(),
-        regularizer_loss=regularizer_loss.detach().float(),
+        policy_loss=_detached_float(policy_loss),
+        regularizer_loss=_detached_float(regularizer_loss),
     )
+
+
+def _detached_float(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach()
+    return x if x.dtype == torch.float32 else x.float()
