@@ -97,15 +97,17 @@ class _Mask:
 @torch.library.custom_op("ess_po::materialized", mutates_args=())
 def _materialized(x: torch.Tensor) -> torch.Tensor:
     """A copy of ``x`` that compiled graphs cannot see through (used only under
-    ``torch.compile``, for a non-bool mask).
+    ``torch.compile``, for a non-bool mask on the CPU).
 
     AOTAutograd's partitioner may recompute any pointwise value in the backward from the cheapest
     tensors to save. For ``w1`` that is the bool ``mask != 0`` (1 byte a token), which the
     forward would then write out; Inductor's CPU code stores and loads 1-byte masks several
-    times slower than floats (``docs/results/loss_cost/``: a float or integer mask compiled at
-    5.4x compiled REINFORCE, 2.8x with this copy). A custom op is not on the partitioner's
+    times slower than floats (the benchmarks page: float masks compiled at up to 20x compiled
+    REINFORCE before this copy, 1.7-3.6x with it). A custom op is not on the partitioner's
     recompute list, so ``w1`` (float) is saved instead and the backward reads no mask at all. A
-    bool mask is an input, saved at no cost, so it keeps the plain path.
+    bool mask is an input, saved at no cost, so it keeps the plain path. Other devices keep it
+    too: the slow 1-byte stores were measured on the CPU only (no GPU was available), and there
+    the copy would be one more pass for nothing.
     """
     return x.clone()
 
@@ -296,7 +298,7 @@ def fused_token_terms(
         if rollout_weights is not None:
             w1.mul_(rollout_weights.detach().to(cdtype))
         w1 = m.keep(w1, inplace=True)  # -rho c A, exactly 0 at masked positions
-        if compiling and mask.dtype != torch.bool:
+        if compiling and mask.dtype != torch.bool and mask.device.type == "cpu":
             w1 = _materialized(w1)
 
         diagnostics = _fused_diagnostics(
