@@ -169,8 +169,8 @@ class _ESSTerms(torch.autograd.Function):
     Inputs: ``sums`` (return the 0-dim sums of the policy and regulariser terms instead of the
     ``(B, T)`` loss, policy and regulariser terms), ``logp_new`` (the only differentiable one;
     its values are not read), the sanitised ``lp``, ``w1 = -rho c A`` and ``em`` (0 at masked
-    positions), ``k3`` (with ``sums``, its sum over the tokens one ESS covers), ``1 - ESS``, and what a double backward needs to recompute ``d``:
-    ``logp_old``, the mask and the tail."""
+    positions), ``k3`` (with ``sums``, its sum over the tokens one ESS covers), ``1 - ESS``,
+    and what a double backward needs to recompute ``d``: ``logp_old``, the mask and the tail."""
 
     @staticmethod
     def forward(ctx, sums, logp_new, lp, w1, em, k3, one_minus_ess, logp_old, mask, tail):  # type: ignore[override]
@@ -301,9 +301,7 @@ def fused_token_terms(
         if compiling and mask.dtype != torch.bool and mask.device.type == "cpu":
             w1 = _materialized(w1)
 
-        diagnostics = _fused_diagnostics(
-            local, low, excess, capped, k3_sum, log_ess, ess, per_sequence, s1
-        )
+        diagnostics = _fused_diagnostics(local, low, excess, capped, k3_sum, ess, per_sequence, s1)
 
     if sums:  # the regulariser needs only the sum of k3 over the tokens one ESS covers
         k3 = k3.sum(dim=-1, keepdim=True) if per_sequence else k3_sum
@@ -327,7 +325,6 @@ def _fused_diagnostics(
     excess: torch.Tensor,
     capped: torch.Tensor,
     k3_sum: torch.Tensor,
-    log_ess: torch.Tensor,
     ess: torch.Tensor,
     per_sequence: bool,
     s1: torch.Tensor,
