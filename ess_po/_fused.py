@@ -287,7 +287,9 @@ def fused_token_terms(
         em = torch.neg(dc).expm1_()  # e^{-dc} - 1 = -k3'(d); 0 at masked positions
         beyond = d.sub_(dc)
         k3 = dc.add_(em).add_(beyond, alpha=1.0 - math.exp(tail))
-        k3_sum = k3.sum()
+        # One pass over k3: per row when the sums need one regulariser per sequence's ESS.
+        k3_rows = k3.sum(dim=-1, keepdim=True) if sums and per_sequence else None
+        k3_sum = k3.sum() if k3_rows is None else k3_rows.sum()
 
         # The ratio from the regulariser's exponential: w = 1 / (1 + em) = e^d above -L (only
         # min(w, ESS) is used, exact where uncapped: d < 0, where 1 + em >= 1).
@@ -304,7 +306,7 @@ def fused_token_terms(
         diagnostics = _fused_diagnostics(local, low, excess, capped, k3_sum, ess, per_sequence, s1)
 
     if sums:  # the regulariser needs only the sum of k3 over the tokens one ESS covers
-        k3 = k3.sum(dim=-1, keepdim=True) if per_sequence else k3_sum
+        k3 = k3_sum if k3_rows is None else k3_rows
     if logp_new.requires_grad and torch.is_grad_enabled():
         terms = _ESSTerms.apply(sums, logp_new, lp, w1, em, k3, one_minus_ess, logp_old, mask, tail)
     else:
