@@ -77,7 +77,7 @@ def _stats_fused(lp, old, adv, mask):
     """The same statistics from the fused loss's passes (``ess_po._fused.fused_stats``)."""
     lr = lp.detach().float() - old.float()
     m = _fused._Mask(mask, lr.dtype, torch.compiler.is_compiling())
-    return _fused.fused_stats(m.keep(lr), m, None, need_low=False)[0].log_s1
+    return _fused.fused_stats(m.keep(lr), m, None, need_low=False)[0].log_space().log_s1
 
 
 def on_reference(fn: LossFn) -> LossFn:

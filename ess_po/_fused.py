@@ -32,12 +32,17 @@ an addition. Under ``torch.compile`` (where selects fuse for free) the same func
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from ess_po.ess import all_reduce_stats, reduce_nonempty
+from ess_po.ess import _group_size, all_reduce_stats, reduce_nonempty
 from ess_po.types import ESSLossOutput, ESSStats
+
+#: What the summed terms are divided by: nothing (``None``), a Python number (also symbolic,
+#: under ``torch.compile``) or a 0-dim tensor.
+Divisor = float | int | torch.SymInt | torch.SymFloat | torch.Tensor | None
 
 # Masked positions read as this log ratio in the maximum (and its negative in the minimum):
 # an addition of 0 at valid positions (exact, NaN and inf pass), and finite, so no exp of -inf
@@ -53,40 +58,28 @@ ENABLED: bool = True
 
 
 class _Mask:
-    """The mask in the three forms the passes need, each built once per call: ``valid`` (bool,
-    only when compiling or asked for), ``maskf`` (0/1 in the compute dtype) and ``bits``
-    (0 / all-ones integers of the compute dtype's width; ``None`` when compiling)."""
+    """The mask in the three forms the passes need, each built once per call: ``valid`` (bool),
+    ``maskf`` (0/1 in the compute dtype) and ``bits`` (0 / all-ones integers of the compute
+    dtype's width; ``None`` when compiling)."""
 
     def __init__(self, mask: torch.Tensor, cdtype: torch.dtype, compiling: bool) -> None:
         self.compiling = compiling
-        self.source = mask
+        # valid = mask != 0: NaN counts as valid (NaN != 0), -0.0 does not.
+        self.valid = mask if mask.dtype == torch.bool else mask != 0
         if compiling:
-            self.valid = mask if mask.dtype == torch.bool else mask != 0
             self.maskf = self.valid.to(cdtype)
             self.bits = None
             return
-        self.valid = None
-        if mask.dtype == torch.bool:
-            # bool -> float is an unvectorised loop on the CPU; uint8 -> float is not.
-            u8 = mask.view(torch.uint8)
-            self.maskf = u8.to(cdtype)
-            self.bits = u8.to(_INT_OF[cdtype]).neg_()
-        else:
-            # valid = mask != 0, arithmetically: NaN counts as valid (NaN != 0), -0.0 does not.
-            self.maskf = torch.nan_to_num(mask.to(cdtype), nan=1.0).abs_().sign_()
-            self.bits = self.maskf.to(_INT_OF[cdtype]).neg_()
-
-    def bool(self) -> torch.Tensor:
-        if self.valid is None:
-            m = self.source
-            self.valid = m if m.dtype == torch.bool else m != 0
-        return self.valid
+        # bool -> float is an unvectorised loop on the CPU; uint8 -> float is not.
+        u8 = self.valid.view(torch.uint8)
+        self.maskf = u8.to(cdtype)
+        self.bits = u8.to(_INT_OF[cdtype]).neg_()
 
     def keep(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """``torch.where(valid, x, 0)`` (``x`` in the compute dtype); in place when ``inplace``
         (``x`` is then a fresh buffer of this call)."""
         if self.bits is None:
-            return torch.where(self.bool(), x, 0.0)
+            return torch.where(self.valid, x, 0.0)
         xi = x.view(self.bits.dtype)
         if inplace:
             xi.bitwise_and_(self.bits)
@@ -130,29 +123,55 @@ def _into(buf: torch.Tensor | None) -> dict:
 
 def fused_stats(
     d: torch.Tensor, m: _Mask, dim: int | None, need_low: bool = True
-) -> tuple[ESSStats, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Statistics of the sanitised log ratios ``d`` (0 at masked positions), the shifted ratios
-    ``exp(d - shift)`` (0 at masked positions), the smallest valid log ratio (``+_PAD`` where
-    there is none, over everything), a free scratch buffer of ``d``'s shape and the shifted sum
-    of ratios (``exp(log_s1)``)."""
+) -> tuple[_Raw, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Statistics of the sanitised log ratios ``d`` (0 at masked positions) in linear units
+    (:class:`_Raw`), the shifted ratios ``exp(d - top)`` (0 at masked positions), the smallest
+    valid log ratio (``+_PAD`` where there is none, over everything) and a free scratch buffer
+    of ``d``'s shape."""
     maskf = m.maskf
     pad = torch.sub(maskf, 1.0).mul_(_PAD)  # 0 at valid positions, -1e30 at masked ones
     count = _sum(maskf, dim)
     scratch = torch.add(d, pad)
-    top = reduce_nonempty(scratch, "amax", dim, float("-inf"))
+    # -_PAD where there are no valid tokens (finite: exp(d - top) below is then exp(0), zeroed).
+    top = reduce_nonempty(scratch, "amax", dim, -_PAD)
     low = None
     if need_low:
         low = reduce_nonempty(torch.sub(d, pad, **_into(scratch)), "amin", None, _PAD)
-    shift = torch.where(count > 0, top, 0.0)
-    # exp(d - shift) <= 1 at valid positions; masked ones are clamped to exp(0) and zeroed.
-    e = torch.sub(d, shift if dim is None else shift.unsqueeze(dim), **_into(pad))
+    # exp(d - top) <= 1 at valid positions, exactly 1 at the largest; masked ones are zeroed.
+    e = torch.sub(d, top if dim is None else top.unsqueeze(dim), **_into(pad))
     e = e.clamp_(max=0.0).exp_().mul_(maskf)
     s1 = _sum(e, dim)
     if dim is None and not m.compiling and e.is_contiguous():
         s2 = torch.dot(e.reshape(-1), e.reshape(-1))  # autocast is off here
     else:
         s2 = _sum(e * e, dim)
-    return ESSStats(shift, torch.log(s1), torch.log(s2), count), e, low, scratch, s1
+    return _Raw(top, count, s1, s2), e, low, scratch
+
+
+class _Raw(NamedTuple):
+    """The statistics in linear units: ``top`` (the largest valid log ratio, ``-_PAD`` with no
+    valid tokens), the ``count`` of valid tokens and the sums ``s1``, ``s2`` of ``exp(d - top)``
+    and its square. Where there are tokens, ``s1, s2 >= 1`` (the largest term is exactly 1)."""
+
+    top: torch.Tensor
+    count: torch.Tensor
+    s1: torch.Tensor
+    s2: torch.Tensor
+
+    def log_space(self) -> ESSStats:
+        """As :class:`ESSStats` (shift 0 where there are no tokens)."""
+        shift = torch.where(self.count > 0, self.top, 0.0)
+        return ESSStats(shift, torch.log(self.s1), torch.log(self.s2), self.count)
+
+
+def _linear_ess(raw: _Raw, n1: torch.Tensor, inv_n: torch.Tensor) -> torch.Tensor:
+    """:meth:`ESSStats.ess` of one group of tokens, ``s1^2 / (n s2)`` clamped to ``[1/n, 1]``
+    (1 with no tokens, NaN stays NaN): no logarithms, which the statistics of one call do not
+    need (``s1, s2 >= 1`` where there are tokens, ``<= n``, so nothing overflows). Equal ratios
+    give exactly 1: every shifted ratio is 1, so ``s1 = s2 = n`` and the two products round
+    alike."""
+    ess = torch.mul(raw.s1, raw.s1).div_(torch.mul(raw.s2, n1).clamp_(min=1.0)).clamp_(max=1.0)
+    return torch.maximum(ess, inv_n)
 
 
 def _broadcast_small(g: torch.Tensor) -> torch.Tensor:
@@ -163,47 +182,90 @@ def _broadcast_small(g: torch.Tensor) -> torch.Tensor:
     return g.as_strided(shape, g.stride(), g.storage_offset())
 
 
-class _ESSTerms(torch.autograd.Function):
-    """The per-token terms from the tensors of the no-grad passes, with the closed-form gradient.
+def _divide(x: torch.Tensor, divisor: Divisor) -> torch.Tensor:
+    return x if divisor is None else x / divisor
 
-    Inputs: ``sums`` (return the 0-dim sums of the policy and regulariser terms instead of the
-    ``(B, T)`` loss, policy and regulariser terms), ``logp_new`` (the only differentiable one;
-    its values are not read), the sanitised ``lp``, ``w1 = -rho c A`` and ``em`` (0 at masked
-    positions), ``k3`` (with ``sums``, its sum over the tokens one ESS covers), ``1 - ESS``,
-    and what a double backward needs to recompute ``d``: ``logp_old``, the mask and the tail."""
+
+class _ESSTerms(torch.autograd.Function):
+    """The ``(B, T)`` loss, policy and regulariser terms from the tensors of the no-grad
+    passes, with the closed-form gradient (:func:`ess_po.ess_token_loss`).
+
+    Inputs: ``logp_new`` (the only differentiable one; its values are not read), the sanitised
+    ``lp``, ``w1 = -rho c A`` and ``em`` (0 at masked positions), ``k3``, ``1 - ESS``, and what
+    a double backward needs to recompute ``d``: ``logp_old``, the mask and the tail."""
 
     @staticmethod
-    def forward(ctx, sums, logp_new, lp, w1, em, k3, one_minus_ess, logp_old, mask, tail):  # type: ignore[override]
+    def forward(ctx, logp_new, lp, w1, em, k3, one_minus_ess, logp_old, mask, tail):  # type: ignore[override]
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logp_new, w1, em, one_minus_ess, logp_old, mask)
-        ctx.tail, ctx.sums = tail, sums
-        return (_sums if sums else _terms)(lp, w1, k3, one_minus_ess)
+        ctx.tail = tail
+        return _terms(lp, w1, k3, one_minus_ess)
 
     @staticmethod
-    def backward(ctx, *grads):  # type: ignore[override]
-        if ctx.sums:
-            g_pol, g_reg = grads
+    def backward(ctx, g_loss, g_pol, g_reg):  # type: ignore[override]
+        if g_loss is not None:
+            g_pol = g_loss if g_pol is None else g_pol + g_loss
+            g_reg = g_loss if g_reg is None else g_reg + g_loss
+        if g_pol is None and g_reg is None:
+            return (None,) * 9
+        return (_grad(ctx.tail, ctx.saved_tensors, g_pol, g_reg),) + (None,) * 8
+
+
+class _ESSSums(torch.autograd.Function):
+    r"""The token modes' scalar loss, ``(sum(w1 lp) + sum((1 - ESS) k3)) / divisor``, and its
+    policy and regulariser parts (values only, not differentiable), with the closed-form
+    gradient :math:`g_t / \text{divisor}`, ``grad_dir`` :math:`= w_1 - (1 - \mathrm{ESS})\,
+    \mathrm{em}` precomputed in the forward: the backward is one multiplication.
+
+    Inputs: ``logp_new`` (the only differentiable one; its values are not read), the sanitised
+    ``lp``, ``w1`` and ``grad_dir`` (0 at masked positions), ``k3`` (its sum over the tokens
+    one ESS covers), ``1 - ESS`` (NaN as 0: a double backward's factor), what a double backward
+    needs to recompute ``d`` (``logp_old``, the mask and the tail) and ``divisor`` (``None``, a
+    number or a 0-dim tensor in the compute dtype)."""
+
+    @staticmethod
+    def forward(ctx, logp_new, lp, w1, grad_dir, k3, one_minus_ess, logp_old, mask, tail, divisor):  # type: ignore[override]
+        tensor_divisor = isinstance(divisor, torch.Tensor)
+        saved = (logp_new, grad_dir, one_minus_ess.nan_to_num(nan=0.0), logp_old, mask)
+        ctx.save_for_backward(*saved, *((divisor,) if tensor_divisor else ()))
+        ctx.tail, ctx.divisor = tail, None if tensor_divisor else divisor
+        loss, policy, regularizer = _sums(lp, w1, k3, one_minus_ess, divisor)
+        ctx.mark_non_differentiable(policy, regularizer)
+        return loss, policy, regularizer
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_pol, _g_reg):  # type: ignore[override]
+        logp_new, grad_dir, one_minus_ess, logp_old, mask, *divisor = ctx.saved_tensors
+        g = _divide(g_loss, divisor[0] if divisor else ctx.divisor)
+        if torch.is_grad_enabled():
+            # create_graph: the second derivative (1 - ESS) e^{-d} through a differentiable em
+            # whose value cancels exactly, so the gradient's value is grad_dir * g as below.
+            em = _em(logp_new, logp_old, mask, grad_dir.dtype, ctx.tail)
+            grad = grad_dir * g - (em - em.detach()) * (g * one_minus_ess)
         else:
-            g_loss, g_pol, g_reg = grads
-            if g_loss is not None:
-                g_pol = g_loss if g_pol is None else g_pol + g_loss
-                g_reg = g_loss if g_reg is None else g_reg + g_loss
-        return (None, _grad(ctx, g_pol, g_reg)) + (None,) * 8
+            grad = grad_dir * g
+        return (grad.to(logp_new.dtype),) + (None,) * 9
 
 
-def _grad(ctx, g_pol: torch.Tensor | None, g_reg: torch.Tensor | None) -> torch.Tensor | None:
+def _em(logp_new, logp_old, mask, dtype: torch.dtype, tail: float) -> torch.Tensor:
+    """``em = e^{-max(d, -L)} - 1`` from differentiable operations on ``logp_new`` (0 where
+    masked): a double backward's path, whose derivative is :math:`-e^{-d}` above the tail."""
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    lp = torch.where(valid, logp_new.to(dtype), 0.0)
+    lo = torch.where(valid, logp_old.detach().to(dtype), 0.0)
+    return torch.expm1(-torch.clamp(lp - lo, min=-tail))
+
+
+def _grad(
+    tail: float, saved: tuple, g_pol: torch.Tensor | None, g_reg: torch.Tensor | None
+) -> torch.Tensor:
     """``logp_new``'s gradient from the upstream gradients of the policy and regulariser terms
-    (``(B, T)``, broadcast, or 0-dim for the sums; ``None`` where a term is unused)."""
-    logp_new, w1, em, one_minus_ess, logp_old, mask = ctx.saved_tensors
-    if g_pol is None and g_reg is None:
-        return None
+    (``(B, T)`` or broadcast; ``None`` where a term is unused, not both)."""
+    logp_new, w1, em, one_minus_ess, logp_old, mask = saved
     if torch.is_grad_enabled():
         # create_graph: the same gradient from differentiable operations on logp_new, so
         # the second derivative is (1 - ESS) e^{-d} (0 below the tail and where masked).
-        valid = mask if mask.dtype == torch.bool else mask != 0
-        lp = torch.where(valid, logp_new.to(w1.dtype), 0.0)
-        lo = torch.where(valid, logp_old.detach().to(w1.dtype), 0.0)
-        em = torch.expm1(-torch.clamp(lp - lo, min=-ctx.tail))
+        em = _em(logp_new, logp_old, mask, w1.dtype, tail)
         grad = 0.0
         if g_pol is not None:
             grad = grad + w1 * g_pol
@@ -216,8 +278,8 @@ def _grad(ctx, g_pol: torch.Tensor | None, g_reg: torch.Tensor | None) -> torch.
         return torch.mul(w1, _broadcast_small(g_pol)).to(logp_new.dtype)
     # A NaN ESS (a NaN at a valid position) already makes w1 NaN at every valid position;
     # its 0 here keeps masked positions at an exact 0 (em = 0 there), as the reference.
-    coef = _broadcast_small(g_reg) * one_minus_ess.neg().nan_to_num(nan=0.0)
-    grad = torch.mul(w1, _broadcast_small(g_pol)).addcmul_(em, coef)
+    coef = torch.mul(_broadcast_small(g_reg), one_minus_ess).nan_to_num_(nan=0.0)
+    grad = torch.mul(w1, _broadcast_small(g_pol)).addcmul_(em, coef, value=-1.0)
     return grad.to(logp_new.dtype)
 
 
@@ -227,8 +289,8 @@ def _terms(lp, w1, k3, one_minus_ess):
     return policy + regularizer, policy, regularizer
 
 
-def _sums(lp, w1, k3_sum, one_minus_ess):
-    """The sums of :func:`_terms`' policy and regulariser terms, ``sum(w1 lp)`` and
+def _sums(lp, w1, k3_sum, one_minus_ess, divisor):
+    """The sums of :func:`_terms`' three terms divided by ``divisor``: ``sum(w1 lp)`` and
     ``sum((1 - ESS) k3_sum)``, with no ``(B, T)`` product left behind; ``k3_sum`` is the sum of
     ``k3`` over the tokens one ESS covers (0-dim, or ``(B, 1)`` per sequence)."""
     if torch.compiler.is_compiling() or not (w1.is_contiguous() and lp.is_contiguous()):
@@ -236,7 +298,10 @@ def _sums(lp, w1, k3_sum, one_minus_ess):
     else:
         policy = torch.dot(w1.reshape(-1), lp.reshape(-1))  # autocast is off here
     regularizer = k3_sum * one_minus_ess
-    return policy, regularizer if regularizer.dim() == 0 else regularizer.sum()
+    if regularizer.dim() != 0:
+        regularizer = regularizer.sum()
+    policy, regularizer = _divide(policy, divisor), _divide(regularizer, divisor)
+    return policy + regularizer, policy, regularizer
 
 
 def fused_token_terms(
@@ -252,11 +317,14 @@ def fused_token_terms(
     cdtype: torch.dtype,
     tail: float,
     sums: bool = False,
+    divisor: Divisor | str = None,
 ) -> ESSLossOutput:
     """``_token_terms`` of :mod:`ess_po.objective` in the fused passes (see the module doc);
     with ``sums``, ``loss``, ``policy_loss`` and ``regularizer_loss`` are the 0-dim sums over the
-    tokens instead of ``(B, T)`` terms."""
+    tokens divided by ``divisor`` (``None``: not divided; ``"count"``: the valid tokens, at
+    least 1) instead of ``(B, T)`` terms."""
     compiling = torch.compiler.is_compiling()
+    needs_grad = logp_new.requires_grad and torch.is_grad_enabled()
     with torch.no_grad():
         m = _Mask(mask, cdtype, compiling)
         dim = -1 if per_sequence else None
@@ -264,19 +332,32 @@ def fused_token_terms(
         lp = m.keep(logp_new.detach().to(cdtype), inplace=logp_new.dtype != cdtype)
         d = m.keep(logp_old.detach().to(cdtype), inplace=logp_old.dtype != cdtype)
         d = torch.sub(lp, d, **_into(d))  # a fresh buffer: the sanitised logp_old
-        local, e, low, scratch, s1 = fused_stats(d, m, dim)
+        raw, e, low, scratch = fused_stats(d, m, dim)
+        top = raw.top.unsqueeze(-1) if per_sequence else raw.top
         if per_sequence:
+            local = raw.log_space()
             log_ess = local.log_ess().unsqueeze(-1)
-        elif stats is not None:
-            log_ess = stats.log_ess().to(cdtype)
+            ess = log_ess.exp()
+            one_minus_ess = -torch.expm1(log_ess)
         else:
-            log_ess = (all_reduce_stats(local, process_group) if sync_ess else local).log_ess()
-        ess = log_ess.exp()
-        one_minus_ess = -torch.expm1(log_ess)
+            n1 = raw.count.clamp(min=1.0)
+            inv_n = n1.reciprocal()
+            if stats is None and (not sync_ess or _group_size(process_group) == 1):
+                # One group of tokens: the ESS in linear units, no log-space statistics.
+                ess = _linear_ess(raw, n1, inv_n)
+                log_ess = torch.log(ess)
+                one_minus_ess = torch.rsub(ess, 1.0)
+            else:
+                if stats is not None:
+                    log_ess = stats.log_ess().to(cdtype)
+                else:
+                    log_ess = all_reduce_stats(raw.log_space(), process_group).log_ess()
+                ess = log_ess.exp()
+                one_minus_ess = -torch.expm1(log_ess)
 
         # Capped tokens and the ratio mass the cap removes, in shifted units: relu(e - cap)
         # (0 at masked positions, where e = 0); its sign counts the tokens (NaN as not capped).
-        cap = torch.exp(log_ess - (local.shift.unsqueeze(-1) if per_sequence else local.shift))
+        cap = torch.exp(log_ess - top)
         over = torch.sub(e, cap, **_into(scratch)).relu_()
         excess = over.sum(dim=-1) if per_sequence else over.sum()
         capped = over.sign_().nan_to_num_(nan=0.0).sum()
@@ -300,61 +381,80 @@ def fused_token_terms(
         if rollout_weights is not None:
             w1.mul_(rollout_weights.detach().to(cdtype))
         w1 = m.keep(w1, inplace=True)  # -rho c A, exactly 0 at masked positions
-        if compiling and mask.dtype != torch.bool and mask.device.type == "cpu":
-            w1 = _materialized(w1)
+        saved = w1
+        if sums and needs_grad:
+            # The gradient's direction, w1 - (1 - ESS) em, into em's buffer (the sums no longer
+            # need em). A NaN ESS already makes w1 NaN at every valid position; its 0 here keeps
+            # masked positions at an exact 0, as the reference.
+            ome = one_minus_ess.nan_to_num(nan=0.0)
+            em = saved = torch.addcmul(w1, em, ome, value=-1.0, **_into(em))
+        if needs_grad and compiling and mask.dtype != torch.bool and mask.device.type == "cpu":
+            saved = _materialized(saved)
+            em, w1 = (saved, w1) if sums else (em, saved)
 
-        diagnostics = _fused_diagnostics(local, low, excess, capped, k3_sum, ess, per_sequence, s1)
+        if per_sequence:
+            diagnostics = _sequence_diagnostics(local, low, excess, capped, k3_sum, ess)
+            n1 = local.count.sum().clamp(min=1.0)
+        else:
+            diagnostics = _batch_diagnostics(raw, n1, inv_n, low, excess, capped, k3_sum, ess)
+        if isinstance(divisor, str):  # "count"
+            divisor = n1
+        elif isinstance(divisor, torch.Tensor) and divisor.dtype != cdtype:
+            divisor = divisor.to(cdtype)
 
     if sums:  # the regulariser needs only the sum of k3 over the tokens one ESS covers
         k3 = k3_sum if k3_rows is None else k3_rows
-    if logp_new.requires_grad and torch.is_grad_enabled():
-        terms = _ESSTerms.apply(sums, logp_new, lp, w1, em, k3, one_minus_ess, logp_old, mask, tail)
+    if needs_grad and sums:
+        loss, policy, regularizer = _ESSSums.apply(
+            logp_new, lp, w1, em, k3, one_minus_ess, logp_old, mask, tail, divisor
+        )
+    elif needs_grad:
+        loss, policy, regularizer = _ESSTerms.apply(
+            logp_new, lp, w1, em, k3, one_minus_ess, logp_old, mask, tail
+        )
+    elif sums:
+        loss, policy, regularizer = _sums(lp, w1, k3, one_minus_ess, divisor)
     else:
-        terms = (_sums if sums else _terms)(lp, w1, k3, one_minus_ess)
-    if sums:
-        policy, regularizer = terms
-        loss = policy + regularizer
-    else:
-        loss, policy, regularizer = terms
-    from ess_po.objective import output  # objective imports this module
-
-    return output(loss, policy, regularizer, diagnostics)
+        loss, policy, regularizer = _terms(lp, w1, k3, one_minus_ess)
+    ess_mean, ess_min, capped_frac, capped_mass, kl, r_mean, r_max, r_min, n = diagnostics
+    return ESSLossOutput(
+        loss, ess_mean, ess_min, capped_frac, kl, r_mean, r_max, policy, regularizer, n,
+        capped_mass, r_min,
+    )  # fmt: skip
 
 
-def _fused_diagnostics(
+_FMAX = torch.finfo(torch.float32).max  # ratios beyond float32's range are reported saturated
+
+
+def _sequence_diagnostics(
     local: ESSStats,
     low: torch.Tensor,
     excess: torch.Tensor,
     capped: torch.Tensor,
     k3_sum: torch.Tensor,
     ess: torch.Tensor,
-    per_sequence: bool,
-    s1: torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
-    """The reference's diagnostics (``ess_po.objective._diagnostics``) from the reductions of
-    the fused passes."""
+    """The reference's diagnostics (``ess_po.objective._diagnostics``) in sequence scope, from
+    the reductions of the fused passes."""
     from ess_po.objective import _combine_shifted, ess_summary  # objective imports this module
 
-    if not per_sequence:
-        return _batch_diagnostics(local, s1, low, excess, capped, k3_sum, ess)
     n = local.count.sum()
     n_safe = n.clamp(min=1.0)
     has_tokens = n > 0
-    ess_mean, ess_min, log_sum_w = ess_summary(local, ess, per_sequence)
+    ess_mean, ess_min, log_sum_w = ess_summary(local, ess, True)
     shift_max = reduce_nonempty(
         torch.where(local.count > 0, local.shift, float("-inf")), "amax", None, 0.0
     )
     ratio_max = torch.where(has_tokens, torch.exp(shift_max), 1.0)
     ratio_mean = torch.where(has_tokens, torch.exp(log_sum_w - torch.log(n_safe)), 1.0)
-    fmax = torch.finfo(torch.float32).max
     values = (
         ess_mean,
         ess_min,
         capped / n_safe,
         _combine_shifted(local, excess),
         k3_sum / n_safe,
-        ratio_mean.clamp(max=fmax),
-        ratio_max.clamp(max=fmax),
+        ratio_mean.clamp(max=_FMAX),
+        ratio_max.clamp(max=_FMAX),
         torch.where(has_tokens, torch.exp(low), 1.0),
         n,
     )
@@ -362,35 +462,42 @@ def _fused_diagnostics(
 
 
 def _batch_diagnostics(
-    local: ESSStats,
-    s1: torch.Tensor,
+    raw: _Raw,
+    n1: torch.Tensor,
+    inv_n: torch.Tensor,
     low: torch.Tensor,
     excess: torch.Tensor,
     capped: torch.Tensor,
     k3_sum: torch.Tensor,
     ess: torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
-    """:func:`_fused_diagnostics` for one group of tokens (call and step scope), where the
-    reference's reductions over groups collapse; a third of the scalar operations, which is
-    what a small batch's time goes on (``benchmarks/loss_cost.py``)."""
-    n = local.count
-    has_tokens = n > 0
-    n_safe = n.clamp(min=1.0)
-    fmax = torch.finfo(torch.float32).max
-    # The shift is 0 when there are no tokens, so exp(shift), the largest ratio, is then 1.
-    ratio_max = torch.exp(local.shift).clamp_(max=fmax)
-    ratio_mean = torch.where(has_tokens, torch.exp(local.log_sum_w - torch.log(n_safe)), 1.0)
-    # excess and s1 are in the same shifted units; NaN statistics report 0, as the reference.
-    capped_mass = torch.where(s1 > 0, excess / s1.clamp(min=torch.finfo(s1.dtype).tiny), 0.0)
+    """The reference's diagnostics for one group of tokens (call and step scope), where its
+    reductions over groups collapse, from the linear statistics: few scalar operations, which
+    is what a small batch's time goes on (``benchmarks/loss_cost.py``). ``n1`` is the count,
+    at least 1, and ``inv_n`` its reciprocal (1 with no tokens: the value every ratio
+    diagnostic reports then)."""
+    has_tokens = raw.count > 0
+    # With no tokens top is -_PAD and low +_PAD; times False they are 0, so exp gives 1.
+    shift = raw.top * has_tokens
+    ratio_max = torch.exp(shift).clamp_(max=_FMAX)
+    ratio_min = torch.exp(low * has_tokens)
+    # log(s1 / n) + shift: the mean ratio without overflow when the largest ratio is beyond
+    # float32 but the mean is not.
+    ratio_mean = torch.where(has_tokens, torch.exp(torch.log(raw.s1 / n1) + shift), inv_n)
+    # excess and s1 are in the same shifted units, s1 >= 1 where there are tokens (0 without,
+    # where excess is 0 too); NaN statistics report 0, as the reference.
+    capped_mass = torch.div(excess, raw.s1.clamp(min=1.0)).nan_to_num_(nan=0.0)
     values = (
         ess,
         ess,
-        capped / n_safe,
+        capped / n1,
         capped_mass,
-        k3_sum / n_safe,
-        ratio_mean.clamp_(max=fmax),
+        k3_sum / n1,
+        ratio_mean.clamp_(max=_FMAX),
         ratio_max,
-        torch.where(has_tokens, torch.exp(low), 1.0),
-        n,
+        ratio_min,
+        raw.count,
     )
-    return tuple(v if v.dtype == torch.float32 else v.float() for v in values)
+    if ess.dtype == torch.float32:
+        return values
+    return tuple(v.float() for v in values)

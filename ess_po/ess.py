@@ -39,9 +39,13 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     """A context with autocast disabled for ``device``'s type, so an ambient
     ``torch.autocast`` never changes what the loss computes (a no-op on device types without
     autocast, such as ``meta``)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    # Entering and leaving an autocast context costs more than a small batch's arithmetic
+    # operation; eager code skips it when autocast is off already (compiled code keeps it).
+    if not torch.compiler.is_compiling() and not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def reduce_nonempty(x: torch.Tensor, op: str, dim: int | None, empty: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ess_po._validation import check_choice, check_normalizer, check_normalizer_value, check_tensor
-from ess_po.aggregation import aggregate, normalize
+from ess_po.aggregation import aggregate
 from ess_po.objective import checked_token_terms
 from ess_po.types import AGG_MODES, AggMode, ESSLossOutput, ESSScope, ESSStats
 
@@ -119,22 +119,27 @@ def ess_policy_loss(
     normalizer = check_normalizer(normalizer, loss_agg_mode, logp_new.device)
     if check_values:
         check_normalizer_value(normalizer)
-    # The token modes need only the sums over the tokens (no (B, T) products, no second pass
-    # over a float mask); the seq-mean modes need the per-token terms and count per row.
+    # The token modes need only the sums over the tokens, divided inside the loss's one
+    # autograd node (no (B, T) products, no second pass over a float mask); the seq-mean modes
+    # need the per-token terms and count per row.
     token_mode = not loss_agg_mode.startswith("seq-mean")
+    divisor = None
+    if loss_agg_mode == "token-mean":
+        divisor = "count" if normalizer is None else normalizer
+    elif loss_agg_mode == "token-sum":
+        divisor = None
     tok = checked_token_terms(
         logp_new, logp_old, advantages, mask, ess_scope, rollout_weights, process_group,
-        sync_ess, stats, check_values, sums=token_mode,
+        sync_ess, stats, check_values, sums=token_mode, divisor=divisor,
     )  # fmt: skip
     if token_mode:
-        if loss_agg_mode == "token-mean" and normalizer is None:
-            normalizer = tok.num_tokens.clamp(min=1.0)  # once for both terms
-        policy_loss = normalize(tok.policy_loss, loss_agg_mode, normalizer, None)
-        regularizer_loss = normalize(tok.regularizer_loss, loss_agg_mode, normalizer, None)
-    else:
-        valid = mask if mask.dtype == torch.bool else mask != 0
-        policy_loss = aggregate(tok.policy_loss, valid, loss_agg_mode, normalizer)
-        regularizer_loss = aggregate(tok.regularizer_loss, valid, loss_agg_mode, normalizer)
+        return tok._replace(
+            policy_loss=_detached_float(tok.policy_loss),
+            regularizer_loss=_detached_float(tok.regularizer_loss),
+        )
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    policy_loss = aggregate(tok.policy_loss, valid, loss_agg_mode, normalizer)
+    regularizer_loss = aggregate(tok.regularizer_loss, valid, loss_agg_mode, normalizer)
     return tok._replace(
         loss=policy_loss + regularizer_loss,
         policy_loss=_detached_float(policy_loss),

@@ -29,6 +29,7 @@ from ess_po._validation import (
     check_stats,
     resolve_scope,
 )
+from ess_po.aggregation import normalize
 from ess_po.ess import all_reduce_stats, autocast_off, compute_dtype, masked_stats, reduce_nonempty
 from ess_po.types import ESSLossOutput, ESSScope, ESSStats
 
@@ -82,16 +83,22 @@ def _token_terms(
     sync_ess: bool,
     stats: ESSStats | None,
     sums: bool = False,
+    divisor: _fused.Divisor | str = None,
 ) -> ESSLossOutput:
-    """The per-token terms (``(B, T)``), or with ``sums`` their 0-dim sums over the tokens."""
+    """The per-token terms (``(B, T)``), or with ``sums`` their 0-dim sums over the tokens
+    divided by ``divisor`` (``None``: not divided; ``"count"``: the valid tokens, at least 1)."""
     args = (logp_new, logp_old, advantages, mask, per_sequence, rollout_weights, process_group)
     if _fused.ENABLED:  # the fused passes: same terms, fewer passes
         cdtype = compute_dtype(logp_new, logp_old, advantages, rollout_weights)
         tail = REGULARIZER_LINEAR_TAIL
-        return _fused.fused_token_terms(*args, sync_ess, stats, cdtype, tail, sums)
+        return _fused.fused_token_terms(*args, sync_ess, stats, cdtype, tail, sums, divisor)
     out = _token_terms_reference(*args, sync_ess, stats)
     if sums:
-        policy, regularizer = out.policy_loss.sum(), out.regularizer_loss.sum()
+        if isinstance(divisor, str):  # "count"
+            divisor = out.num_tokens.clamp(min=1.0)
+        mode = "token-sum" if divisor is None else "token-mean"
+        policy = normalize(out.policy_loss.sum(), mode, divisor, None)
+        regularizer = normalize(out.regularizer_loss.sum(), mode, divisor, None)
         out = out._replace(
             loss=policy + regularizer, policy_loss=policy, regularizer_loss=regularizer
         )
@@ -286,9 +293,11 @@ def checked_token_terms(
     stats: ESSStats | None,
     check_values: bool,
     sums: bool,
+    divisor: _fused.Divisor | str = None,
 ) -> ESSLossOutput:
     """:func:`ess_token_loss` (``sums=False``), or the 0-dim sums of its three terms over the
-    tokens (``sums=True``, for :func:`ess_po.ess_policy_loss`'s token modes)."""
+    tokens divided by ``divisor`` (``sums=True``, for :func:`ess_po.ess_policy_loss`'s token
+    modes; ``None``: token-sum, ``"count"``: the call's valid tokens, at least 1)."""
     ess_scope = resolve_scope(ess_scope, stats)
     check_loss_inputs(logp_new, logp_old, advantages, mask, rollout_weights)
     if stats is not None:
@@ -307,4 +316,5 @@ def checked_token_terms(
             sync_ess,
             stats,
             sums,
+            divisor,
         )
