@@ -110,41 +110,44 @@ def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-def _sum(x: torch.Tensor, dim: int | None) -> torch.Tensor:
-    return x.sum() if dim is None else x.sum(dim=dim)
-
-
-def _into(buf: torch.Tensor | None) -> dict:
-    """``out=buf`` in eager mode: fresh (B, T) buffers cost allocator work and page faults
-    comparable to an arithmetic pass on the CPU, so the passes reuse a few. Compiled, plain
-    operations (Inductor plans the memory)."""
-    return {} if buf is None or torch.compiler.is_compiling() else {"out": buf}
-
-
 def fused_stats(
     d: torch.Tensor, m: _Mask, dim: int | None, need_low: bool = True
 ) -> tuple[_Raw, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Statistics of the sanitised log ratios ``d`` (0 at masked positions) in linear units
     (:class:`_Raw`), the shifted ratios ``exp(d - top)`` (0 at masked positions), the smallest
     valid log ratio (``+_PAD`` where there is none, over everything) and a free scratch buffer
-    of ``d``'s shape."""
-    maskf = m.maskf
+    of ``d``'s shape.
+
+    In eager mode the passes write into buffers of this call (``out=``): fresh ``(B, T)``
+    tensors cost allocator work and page faults comparable to an arithmetic pass on the CPU.
+    Compiled, plain operations (Inductor plans the memory)."""
+    maskf, eager = m.maskf, not m.compiling
     pad = torch.sub(maskf, 1.0).mul_(_PAD)  # 0 at valid positions, -1e30 at masked ones
-    count = _sum(maskf, dim)
     scratch = torch.add(d, pad)
-    # -_PAD where there are no valid tokens (finite: exp(d - top) below is then exp(0), zeroed).
-    top = reduce_nonempty(scratch, "amax", dim, -_PAD)
+    if dim is None:
+        count = maskf.sum()
+        # -_PAD where there are no valid tokens (finite: exp(d - top) below is then exp(0),
+        # zeroed); torch refuses to reduce an empty tensor, hence the shape test (metadata).
+        top = scratch.amax() if d.numel() else d.new_full((), -_PAD)
+    else:
+        count = maskf.sum(dim=dim)
+        top = reduce_nonempty(scratch, "amax", dim, -_PAD)
     low = None
     if need_low:
-        low = reduce_nonempty(torch.sub(d, pad, **_into(scratch)), "amin", None, _PAD)
+        low = torch.sub(d, pad, out=scratch if eager else None)
+        low = low.amin() if d.numel() else d.new_full((), _PAD)
+    top_b = top if dim is None else top.unsqueeze(dim)
+    shifted = torch.sub(d, top_b, out=pad if eager else None)
     # exp(d - top) <= 1 at valid positions, exactly 1 at the largest; masked ones are zeroed.
-    e = torch.sub(d, top if dim is None else top.unsqueeze(dim), **_into(pad))
-    e = e.clamp_(max=0.0).exp_().mul_(maskf)
-    s1 = _sum(e, dim)
-    if dim is None and not m.compiling and e.is_contiguous():
-        s2 = torch.dot(e.reshape(-1), e.reshape(-1))  # autocast is off here
+    e = shifted.clamp_(max=0.0).exp_().mul_(maskf)
+    if dim is not None:
+        return _Raw(top, count, e.sum(dim=dim), (e * e).sum(dim=dim)), e, low, scratch
+    s1 = e.sum()
+    if eager and e.is_contiguous():
+        flat = e.view(-1)
+        s2 = torch.dot(flat, flat)  # autocast is off here
     else:
-        s2 = _sum(e * e, dim)
+        s2 = (e * e).sum()
     return _Raw(top, count, s1, s2), e, low, scratch
 
 
@@ -219,14 +222,14 @@ class _ESSSums(torch.autograd.Function):
 
     Inputs: ``logp_new`` (the only differentiable one; its values are not read), the sanitised
     ``lp``, ``w1`` and ``grad_dir`` (0 at masked positions), ``k3`` (its sum over the tokens
-    one ESS covers), ``1 - ESS`` (NaN as 0: a double backward's factor), what a double backward
+    one ESS covers), ``1 - ESS`` (NaN as 0), what a double backward
     needs to recompute ``d`` (``logp_old``, the mask and the tail) and ``divisor`` (``None``, a
     number or a 0-dim tensor in the compute dtype)."""
 
     @staticmethod
     def forward(ctx, logp_new, lp, w1, grad_dir, k3, one_minus_ess, logp_old, mask, tail, divisor):  # type: ignore[override]
         tensor_divisor = isinstance(divisor, torch.Tensor)
-        saved = (logp_new, grad_dir, one_minus_ess.nan_to_num(nan=0.0), logp_old, mask)
+        saved = (logp_new, grad_dir, one_minus_ess, logp_old, mask)
         ctx.save_for_backward(*saved, *((divisor,) if tensor_divisor else ()))
         ctx.tail, ctx.divisor = tail, None if tensor_divisor else divisor
         loss, policy, regularizer = _sums(lp, w1, k3, one_minus_ess, divisor)
@@ -324,14 +327,16 @@ def fused_token_terms(
     tokens divided by ``divisor`` (``None``: not divided; ``"count"``: the valid tokens, at
     least 1) instead of ``(B, T)`` terms."""
     compiling = torch.compiler.is_compiling()
+    eager = not compiling  # out= buffers of this call, see fused_stats
     needs_grad = logp_new.requires_grad and torch.is_grad_enabled()
     with torch.no_grad():
         m = _Mask(mask, cdtype, compiling)
         dim = -1 if per_sequence else None
-        # Sanitise first: masked positions hold 0 from here on, whatever they held.
-        lp = m.keep(logp_new.detach().to(cdtype), inplace=logp_new.dtype != cdtype)
-        d = m.keep(logp_old.detach().to(cdtype), inplace=logp_old.dtype != cdtype)
-        d = torch.sub(lp, d, **_into(d))  # a fresh buffer: the sanitised logp_old
+        # Sanitise first: masked positions hold 0 from here on, whatever they held. (No detach:
+        # nothing here records a gradient.)
+        lp = m.keep(logp_new.to(cdtype), inplace=logp_new.dtype != cdtype)
+        d = m.keep(logp_old.to(cdtype), inplace=logp_old.dtype != cdtype)
+        d = torch.sub(lp, d, out=d if eager else None)  # d: a buffer of this call
         raw, e, low, scratch = fused_stats(d, m, dim)
         top = raw.top.unsqueeze(-1) if per_sequence else raw.top
         if per_sequence:
@@ -356,38 +361,42 @@ def fused_token_terms(
                 one_minus_ess = -torch.expm1(log_ess)
 
         # Capped tokens and the ratio mass the cap removes, in shifted units: relu(e - cap)
-        # (0 at masked positions, where e = 0); its sign counts the tokens (NaN as not capped).
+        # (0 at masked positions, where e = 0); its sign counts the tokens (NaN as not capped;
+        # count_nonzero measured several times slower on the CPU).
         cap = torch.exp(log_ess - top)
-        over = torch.sub(e, cap, **_into(scratch)).relu_()
+        over = torch.sub(e, cap, out=scratch if eager else None).relu_()
         excess = over.sum(dim=-1) if per_sequence else over.sum()
         capped = over.sign_().nan_to_num_(nan=0.0).sum()
 
-        # k3(d) = d + expm1(-d), continued by its tangent below -L:
-        # k3(dc) + (1 - e^L)(d - dc) with dc = max(d, -L); d - dc is exactly 0 above -L.
-        dc = torch.clamp(d, min=-tail, **_into(scratch))
+        # rho = min(w, ESS) = exp(min(d, log ESS)) (ESS where masked, zeroed below), before d
+        # becomes the regulariser's tail below.
+        rho = torch.clamp(d, max=log_ess, out=e if eager else None).exp_()
+
+        # k3(d) = d + expm1(-d), continued by its tangent below -L, k3(-L) + (1 - e^L)(d + L):
+        # with dc = max(d, -L) and em = expm1(-dc), k3 = lerp(d, dc, e^L) + em, as lerp with a
+        # weight above 1/2 is dc - (dc - d)(1 - e^L), exactly d above -L (where dc = d).
+        dc = torch.clamp(d, min=-tail, out=scratch if eager else None)
         em = torch.neg(dc).expm1_()  # e^{-dc} - 1 = -k3'(d); 0 at masked positions
-        beyond = d.sub_(dc)
-        k3 = dc.add_(em).add_(beyond, alpha=1.0 - math.exp(tail))
+        k3 = torch.lerp(d, dc, math.exp(tail), out=d if eager else None).add_(em)
         # One pass over k3: per row when the sums need one regulariser per sequence's ESS.
         k3_rows = k3.sum(dim=-1, keepdim=True) if sums and per_sequence else None
         k3_sum = k3.sum() if k3_rows is None else k3_rows.sum()
 
-        # The ratio from the regulariser's exponential: w = 1 / (1 + em) = e^d above -L (only
-        # min(w, ESS) is used, exact where uncapped: d < 0, where 1 + em >= 1).
-        rho = torch.add(em, 1.0, **_into(e)).reciprocal_().clamp_(max=ess)
-        adv = advantages.detach().to(cdtype)
+        adv = advantages.to(cdtype)
         adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
         w1 = rho.mul_(adv.neg())
         if rollout_weights is not None:
-            w1.mul_(rollout_weights.detach().to(cdtype))
+            w1.mul_(rollout_weights.to(cdtype))
         w1 = m.keep(w1, inplace=True)  # -rho c A, exactly 0 at masked positions
         saved = w1
         if sums and needs_grad:
             # The gradient's direction, w1 - (1 - ESS) em, into em's buffer (the sums no longer
             # need em). A NaN ESS already makes w1 NaN at every valid position; its 0 here keeps
-            # masked positions at an exact 0, as the reference.
-            ome = one_minus_ess.nan_to_num(nan=0.0)
-            em = saved = torch.addcmul(w1, em, ome, value=-1.0, **_into(em))
+            # masked positions at an exact 0, as the reference. The regulariser's sum is the
+            # same with it: a NaN ESS comes from a NaN or +inf log ratio at a valid position,
+            # which makes k3's sum NaN or +inf, and either times 0 is NaN.
+            one_minus_ess = one_minus_ess.nan_to_num(nan=0.0)
+            em = saved = torch.addcmul(w1, em, one_minus_ess, value=-1.0, out=em if eager else None)
         if needs_grad and compiling and mask.dtype != torch.bool and mask.device.type == "cpu":
             saved = _materialized(saved)
             em, w1 = (saved, w1) if sums else (em, saved)
@@ -476,17 +485,19 @@ def _batch_diagnostics(
     is what a small batch's time goes on (``benchmarks/loss_cost.py``). ``n1`` is the count,
     at least 1, and ``inv_n`` its reciprocal (1 with no tokens: the value every ratio
     diagnostic reports then)."""
-    has_tokens = raw.count > 0
-    # With no tokens top is -_PAD and low +_PAD; times False they are 0, so exp gives 1.
+    has_tokens = raw.count.clamp(max=1.0)  # 1 where there are tokens, else 0
+    # With no tokens top is -_PAD and low +_PAD; times 0 they are 0, so exp gives 1.
     shift = raw.top * has_tokens
     ratio_max = torch.exp(shift).clamp_(max=_FMAX)
     ratio_min = torch.exp(low * has_tokens)
+    # s1 >= 1 where there are tokens (the largest shifted ratio is exactly 1); with none s1 = 0,
+    # and 1 makes the mean ratio 1 and the capped mass 0 (excess is 0 too).
+    s1 = raw.s1.clamp(min=1.0)
     # log(s1 / n) + shift: the mean ratio without overflow when the largest ratio is beyond
     # float32 but the mean is not.
-    ratio_mean = torch.where(has_tokens, torch.exp(torch.log(raw.s1 / n1) + shift), inv_n)
-    # excess and s1 are in the same shifted units, s1 >= 1 where there are tokens (0 without,
-    # where excess is 0 too); NaN statistics report 0, as the reference.
-    capped_mass = torch.div(excess, raw.s1.clamp(min=1.0)).nan_to_num_(nan=0.0)
+    ratio_mean = torch.exp(torch.log(s1 / n1) + shift)
+    # excess and s1 are in the same shifted units; NaN statistics report 0, as the reference.
+    capped_mass = torch.div(excess, s1).nan_to_num_(nan=0.0)
     values = (
         ess,
         ess,
