@@ -167,13 +167,14 @@ class _Raw(NamedTuple):
         return ESSStats(shift, torch.log(self.s1), torch.log(self.s2), self.count)
 
 
-def _linear_ess(raw: _Raw, n1: torch.Tensor, inv_n: torch.Tensor) -> torch.Tensor:
+def _linear_ess(raw: _Raw, s1: torch.Tensor, n1: torch.Tensor, inv_n: torch.Tensor) -> torch.Tensor:
     """:meth:`ESSStats.ess` of one group of tokens, ``s1^2 / (n s2)`` clamped to ``[1/n, 1]``
     (1 with no tokens, NaN stays NaN): no logarithms, which the statistics of one call do not
-    need (``s1, s2 >= 1`` where there are tokens, ``<= n``, so nothing overflows). Equal ratios
-    give exactly 1: every shifted ratio is 1, so ``s1 = s2 = n`` and the two products round
-    alike."""
-    ess = torch.mul(raw.s1, raw.s1).div_(torch.mul(raw.s2, n1).clamp_(min=1.0)).clamp_(max=1.0)
+    need (``s1, s2 >= 1`` where there are tokens, ``<= n``, so nothing overflows). ``s1`` is
+    ``raw.s1`` clamped to at least 1 (1 with no tokens, where ``s2 = 0`` makes the quotient
+    inf, clamped to 1). Equal ratios give exactly 1: every shifted ratio is 1, so
+    ``s1 = s2 = n`` and the two products round alike."""
+    ess = torch.mul(s1, s1).div_(torch.mul(raw.s2, n1)).clamp_(max=1.0)
     return torch.maximum(ess, inv_n)
 
 
@@ -347,9 +348,12 @@ def fused_token_terms(
         else:
             n1 = raw.count.clamp(min=1.0)
             inv_n = n1.reciprocal()
+            # s1 >= 1 where there are tokens (the largest shifted ratio is exactly 1); with none
+            # s1 = 0, and 1 gives ESS 1, the mean ratio 1 and the capped mass 0 (excess is 0).
+            s1c = raw.s1.clamp(min=1.0)
             if stats is None and (not sync_ess or _group_size(process_group) == 1):
                 # One group of tokens: the ESS in linear units, no log-space statistics.
-                ess = _linear_ess(raw, n1, inv_n)
+                ess = _linear_ess(raw, s1c, n1, inv_n)
                 log_ess = torch.log(ess)
                 one_minus_ess = torch.rsub(ess, 1.0)
             else:
@@ -405,7 +409,7 @@ def fused_token_terms(
             diagnostics = _sequence_diagnostics(local, low, excess, capped, k3_sum, ess)
             n1 = local.count.sum().clamp(min=1.0)
         else:
-            diagnostics = _batch_diagnostics(raw, n1, inv_n, low, excess, capped, k3_sum, ess)
+            diagnostics = _batch_diagnostics(raw, s1c, n1, low, excess, capped, k3_sum, ess)
         if isinstance(divisor, str):  # "count"
             divisor = n1
         elif isinstance(divisor, torch.Tensor) and divisor.dtype != cdtype:
@@ -472,8 +476,8 @@ def _sequence_diagnostics(
 
 def _batch_diagnostics(
     raw: _Raw,
+    s1: torch.Tensor,
     n1: torch.Tensor,
-    inv_n: torch.Tensor,
     low: torch.Tensor,
     excess: torch.Tensor,
     capped: torch.Tensor,
@@ -482,17 +486,14 @@ def _batch_diagnostics(
 ) -> tuple[torch.Tensor, ...]:
     """The reference's diagnostics for one group of tokens (call and step scope), where its
     reductions over groups collapse, from the linear statistics: few scalar operations, which
-    is what a small batch's time goes on (``benchmarks/loss_cost.py``). ``n1`` is the count,
-    at least 1, and ``inv_n`` its reciprocal (1 with no tokens: the value every ratio
-    diagnostic reports then)."""
+    is what a small batch's time goes on (``benchmarks/loss_cost.py``). ``s1`` and ``n1`` are
+    the shifted sum of ratios and the count, each at least 1 (both 1 with no tokens, so the
+    mean ratio is then 1)."""
     has_tokens = raw.count.clamp(max=1.0)  # 1 where there are tokens, else 0
     # With no tokens top is -_PAD and low +_PAD; times 0 they are 0, so exp gives 1.
     shift = raw.top * has_tokens
     ratio_max = torch.exp(shift).clamp_(max=_FMAX)
     ratio_min = torch.exp(low * has_tokens)
-    # s1 >= 1 where there are tokens (the largest shifted ratio is exactly 1); with none s1 = 0,
-    # and 1 makes the mean ratio 1 and the capped mass 0 (excess is 0 too).
-    s1 = raw.s1.clamp(min=1.0)
     # log(s1 / n) + shift: the mean ratio without overflow when the largest ratio is beyond
     # float32 but the mean is not.
     ratio_mean = torch.exp(torch.log(s1 / n1) + shift)

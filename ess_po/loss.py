@@ -133,6 +133,9 @@ def ess_policy_loss(
         sync_ess, stats, check_values, sums=token_mode, divisor=divisor,
     )  # fmt: skip
     if token_mode:
+        pol, reg = tok.policy_loss, tok.regularizer_loss
+        if not (pol.requires_grad or reg.requires_grad) and pol.dtype == torch.float32:
+            return tok  # already detached float32 (the fused path's non-differentiable parts)
         return tok._replace(
             policy_loss=_detached_float(tok.policy_loss),
             regularizer_loss=_detached_float(tok.regularizer_loss),
