@@ -297,7 +297,12 @@ def _sums(lp, w1, k3_sum, one_minus_ess, divisor):
     """The sums of :func:`_terms`' three terms divided by ``divisor``: ``sum(w1 lp)`` and
     ``sum((1 - ESS) k3_sum)``, with no ``(B, T)`` product left behind; ``k3_sum`` is the sum of
     ``k3`` over the tokens one ESS covers (0-dim, or ``(B, 1)`` per sequence)."""
-    if torch.compiler.is_compiling() or not (w1.is_contiguous() and lp.is_contiguous()):
+    if torch.compiler.is_compiling():
+        # Per row, then over rows: Inductor then fuses the sum into the loop that forms w1 (over
+        # rows, for the advantages) instead of writing w1 out and reading it back for a flat
+        # sum (64x4096 bool, compiled: 2.8 -> 2.5 ms).
+        policy = (w1 * lp).sum(dim=-1).sum()
+    elif not (w1.is_contiguous() and lp.is_contiguous()):
         policy = (w1 * lp).sum()
     else:
         policy = torch.dot(w1.reshape(-1), lp.reshape(-1))  # autocast is off here
