@@ -382,11 +382,12 @@ def fused_token_terms(
         rho = torch.clamp(d, max=log_ess, out=e if eager else None).exp_()
 
         # k3(d) = d + expm1(-d), continued by its tangent below -L, k3(-L) + (1 - e^L)(d + L):
-        # with dc = max(d, -L) and em = expm1(-dc), k3 = lerp(d, dc, e^L) + em, as lerp with a
-        # weight above 1/2 is dc - (dc - d)(1 - e^L), exactly d above -L (where dc = d).
+        # with dc = max(d, -L) and em = expm1(-dc), k3 = dc + em + (1 - e^L) min(d + L, 0),
+        # the tail term exactly 0 above -L. (Not dc - d for the tail: inf - inf at d = +inf.)
         dc = torch.clamp(d, min=-tail, out=scratch if eager else None)
         em = torch.neg(dc).expm1_()  # e^{-dc} - 1 = -k3'(d); 0 at masked positions
-        k3 = torch.lerp(d, dc, math.exp(tail), out=d if eager else None).add_(em)
+        k3 = torch.add(d, tail, out=d if eager else None).clamp_(max=0.0)
+        k3 = torch.add(dc, k3, alpha=-math.expm1(tail), out=k3 if eager else None).add_(em)
         # One pass over k3: per row when the sums need one regulariser per sequence's ESS.
         k3_rows = k3.sum(dim=-1, keepdim=True) if sums and per_sequence else None
         k3_sum = k3.sum() if k3_rows is None else k3_rows.sum()

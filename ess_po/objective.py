@@ -52,10 +52,12 @@ def k3(d: torch.Tensor) -> torch.Tensor:
 
     Both pieces are masked by ``clamp``/``relu``, whose backward passes exact zeros: no
     :math:`e^{L}` term is added and subtracted again (that would erase the ordinary gradient).
+    Each piece is finite where the other is infinite, so :math:`k_3(\pm\infty) = +\infty`.
     """
     tail = REGULARIZER_LINEAR_TAIL
-    head = d + torch.expm1(-torch.clamp(d, min=-tail))  # expm1: accurate near d = 0
-    return head + math.exp(tail) * torch.relu(-tail - d)
+    dc = torch.clamp(d, min=-tail)
+    head = dc + torch.expm1(-dc)  # expm1: accurate near d = 0
+    return head + math.expm1(tail) * torch.relu(-tail - d)
 
 
 def _combine_shifted(stats: ESSStats, shifted: torch.Tensor) -> torch.Tensor:

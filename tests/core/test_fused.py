@@ -9,6 +9,7 @@ gradcheck in float64, and torch.compile against eager over changing shapes.
 from __future__ import annotations
 
 import ast
+import math
 from pathlib import Path
 
 import pytest
@@ -205,6 +206,53 @@ def test_non_finite_at_valid_positions_shows_alike(where, value) -> None:
     assert torch.equal(torch.isfinite(f.loss)[valid], torch.isfinite(r.loss)[valid])
     assert torch.equal(torch.isfinite(gf)[valid], torch.isfinite(gr)[valid])
     assert (gf[~valid] == 0).all() == (gr[~valid] == 0).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("scope", ["call", "sequence"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_log_ratio_at_a_valid_position_every_mode(mode, scope, value) -> None:
+    """A NaN or inf log ratio at one valid position, through ess_policy_loss (the token modes
+    take the fused sums path): the loss and every diagnostic read as the reference's (NaN where
+    it is NaN), and masked positions still get an exact 0 gradient even though the ESS, and so
+    1 - ESS, is NaN."""
+    b = make_batch(3, 6, seed=2, dtype=torch.float32, empty_rows=0)
+    lp, lo = b.logp_new.detach().clone(), b.logp_old.clone()
+    lp[1, 0] = value
+    mask = b.mask.clone()
+    mask[1, 0], mask[:, -1] = True, False  # the bad token is valid; some positions are masked
+
+    def run():
+        x = lp.clone().requires_grad_(True)
+        out = ess_policy_loss(x, lo, b.advantages, mask, loss_agg_mode=mode, ess_scope=scope)
+        return out, torch.autograd.grad(out.loss, x)[0]
+
+    (f, gf), (r, gr) = _paths(run)
+    assert torch.equal(torch.isfinite(f.loss), torch.isfinite(r.loss))
+    for name in ("ess", "ess_min", "capped_mass", "kl_behavior", "ratio_mean", "ratio_max"):
+        a, e = getattr(f, name), getattr(r, name)
+        torch.testing.assert_close(a, e, rtol=2e-5, atol=1e-6, equal_nan=True, msg=name)
+    assert (gf[~mask] == 0).all() and (gr[~mask] == 0).all()
+    assert torch.equal(torch.isfinite(gf)[mask], torch.isfinite(gr)[mask])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_ess_clamps_rounding_into_its_range(dtype) -> None:
+    """The single-group ESS ``s1^2 / (n s2)`` is clamped to ``[1/n, 1]`` as the log-space
+    ``ESSStats.log_ess`` is: statistics whose rounding lands a step outside the range (sums in
+    different orders over more than 2^24 tokens) read as the bound, and NaN stays NaN."""
+    eps = torch.finfo(dtype).eps
+
+    def ess(s1: float, s2: float, n: float) -> float:
+        t = lambda v: torch.tensor(v, dtype=dtype)  # noqa: E731
+        raw = _fused._Raw(t(0.0), t(n), t(s1), t(s2))
+        return _fused._linear_ess(raw, t(s1), t(n), t(n).reciprocal()).item()
+
+    n = 1000.0
+    assert ess(1.0, 1.0 + 4 * eps, n) == torch.tensor(1 / n, dtype=dtype).item()  # below 1/n
+    assert ess(n, n * (1 - 4 * eps), n) == 1.0  # above 1
+    assert math.isnan(ess(float("nan"), 1.0, n))
+    assert ess(1.0, 0.0, 0.0 + 1.0) == 1.0  # no tokens: s1 clamped to 1, s2 = 0
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0, 0), (2, 4)])
