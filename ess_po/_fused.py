@@ -6,9 +6,10 @@ computed in fewer passes over the ``(B, T)`` tokens; :data:`ENABLED` chooses bet
 * The forward runs without autograd, in a few reused buffers (fresh ``(B, T)`` tensors cost
   allocator work and page faults on the CPU): the mask becomes a 0/1 float once (a bool,
   integer or float mask alike), masked positions are zeroed *before any arithmetic*, then the
-  maximum, the two shifted ESS sums and the per-token terms and diagnostics, with two
-  transcendental functions per token (the statistics' ``exp`` and the regulariser's ``expm1``,
-  from which the ratio is recovered).
+  maximum, the two shifted ESS sums and the per-token terms and diagnostics, with three
+  transcendental functions per token: the statistics' ``exp(d - max)``, the capped ratio
+  ``exp(min(d, log ESS))`` (two passes; recovering it from the regulariser's ``expm1`` took
+  three) and the regulariser's ``expm1``.
 * The backward is one elementwise multiply-add,
   :math:`g_\text{pol}\, w_1 - g_\text{reg}\,(1-\mathrm{ESS})\,\mathrm{em}`, with the saved
   :math:`w_1 = -\rho\, c\, A` and :math:`\mathrm{em} = e^{-\max(d, -L)} - 1` (both exactly 0 at
@@ -17,9 +18,11 @@ computed in fewer passes over the ``(B, T)`` tokens; :data:`ENABLED` chooses bet
   the saved inputs, so second derivatives are the reference's, :math:`(1-\mathrm{ESS})\,
   e^{-d}` on the diagonal above the tail and 0 below it.
 * :func:`ess_po.ess_policy_loss`'s token modes (token-mean, token-sum) take the two sums over
-  the tokens directly (``_ESSTerms`` with ``sums``: a dot product for the policy term, and the
-  ``sum k3`` the diagnostics need anyway for the regulariser): no ``(B, T)`` loss, policy or
-  regulariser terms are formed, and the backward receives 0-dim gradients.
+  the tokens directly (``_ESSSums``: a dot product for the policy term, and the ``sum k3`` the
+  diagnostics need anyway for the regulariser), divided by the normaliser inside the same
+  autograd node: no ``(B, T)`` loss, policy or regulariser terms are formed, and the backward
+  is one multiplication of the 0-dim upstream gradient by the direction
+  :math:`w_1 - (1-\mathrm{ESS})\,\mathrm{em}`, precomputed in the forward.
 
 Masking without ``torch.where`` in eager mode: on the CPU a boolean select costs about twenty
 arithmetic passes, and a multiplication by a 0/1 mask lets ``0 * NaN`` through. Masked positions
