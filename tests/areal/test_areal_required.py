@@ -18,6 +18,7 @@ from ess_po.testing.processes import child_env
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # a child pytest that imports torch and the hosts: ~5 s
 @pytest.mark.parametrize("required", [True, False])
 def test_missing_areal_fails_only_when_required(tmp_path: Path, required: bool) -> None:
     (tmp_path / "areal.py").write_text("raise ImportError('no AReaL here')\n")

@@ -10,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ess_po.testing.processes import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # a child pytest that imports torch and the hosts: ~5 s
 def test_missing_vllm_fails_when_required(tmp_path: Path) -> None:
     (tmp_path / "vllm.py").write_text("raise ImportError('no vLLM here')\n")
     module = Path(__file__).with_name("test_vllm_colocate.py")
