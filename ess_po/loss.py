@@ -123,11 +123,9 @@ def ess_policy_loss(
     # autograd node (no (B, T) products, no second pass over a float mask); the seq-mean modes
     # need the per-token terms and count per row.
     token_mode = not loss_agg_mode.startswith("seq-mean")
-    divisor = None
+    divisor = None  # token-sum: not divided
     if loss_agg_mode == "token-mean":
         divisor = "count" if normalizer is None else normalizer
-    elif loss_agg_mode == "token-sum":
-        divisor = None
     tok = checked_token_terms(
         logp_new, logp_old, advantages, mask, ess_scope, rollout_weights, process_group,
         sync_ess, stats, check_values, sums=token_mode, divisor=divisor,
