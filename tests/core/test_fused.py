@@ -252,7 +252,7 @@ def test_linear_ess_clamps_rounding_into_its_range(dtype) -> None:
     assert ess(1.0, 1.0 + 4 * eps, n) == torch.tensor(1 / n, dtype=dtype).item()  # below 1/n
     assert ess(n, n * (1 - 4 * eps), n) == 1.0  # above 1
     assert math.isnan(ess(float("nan"), 1.0, n))
-    assert ess(1.0, 0.0, 0.0 + 1.0) == 1.0  # no tokens: s1 clamped to 1, s2 = 0
+    assert ess(1.0, 0.0, 1.0) == 1.0  # no tokens: s1 and the count n clamped to 1, s2 = 0
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0, 0), (2, 4)])
