@@ -24,7 +24,10 @@ in rotating order) so machine noise hits them alike; the report gives the median
 interquartile range, the ratios of issue 24's targets (eager ``ess`` / eager ``clipped``,
 compiled ``ess`` / compiled ``reinforce``) from the same run, the device and the versions.
 ``--profile`` adds where the time goes: the eager operators of one call of each loss, from
-``torch.profiler``, by self time. Timing lives here, never in unit tests; nothing is asserted.
+``torch.profiler``, by self time, and the compiled kernels (one per fused pass over the tokens)
+of ``ess`` and ``reinforce``, from Inductor's kernel profiling. Every eager run also measures
+the fixed cost of a call, at (1, 8) tokens, which splits the smallest size's time into a fixed
+part and a per-token part. Timing lives here, never in unit tests; nothing is asserted.
 
     python benchmarks/loss_cost.py --quick            # (64, 4096) float32, bool/float masks
     python benchmarks/loss_cost.py                    # the full grid (8x1024 .. 256x8192)
@@ -240,6 +243,60 @@ def profile(inputs, methods: list[str], reps: int) -> dict:
     return out
 
 
+def profile_compiled(inputs, methods: list[str], reps: int) -> dict:
+    """Compiled kernels of one forward + backward of each method (us of self time per call,
+    averaged over ``reps`` calls), with Inductor's per-kernel profiling on: on the CPU each
+    ``cpp_fused_*`` kernel is one fused loop nest, so its time is what one pass costs."""
+    import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    out = {}
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):
+        for name in methods:
+            torch._dynamo.reset()
+            fn = torch.compile(METHODS[name], dynamic=False)
+            for i in range(3 + reps):
+                if i == 3:
+                    prof = torch_profile(activities=[ProfilerActivity.CPU])
+                    prof.__enter__()
+                loss = fn(*inputs)
+                if loss.requires_grad:
+                    loss.backward()
+                inputs[0].grad = None
+            prof.__exit__(None, None, None)
+            rows = [
+                {"op": ev.key, "calls": ev.count / reps, "self_us": ev.self_cpu_time_total / reps}
+                for ev in prof.key_averages()
+                if ev.self_cpu_time_total > 0
+            ]
+            rows.sort(key=lambda r: -r["self_us"])
+            out[name] = {"total_us": sum(r["self_us"] for r in rows), "ops": rows}
+    torch._dynamo.reset()
+    return out
+
+
+FIXED_METHODS = ["ess", "clipped", "reinforce"]
+
+
+def fixed_cost(args: argparse.Namespace) -> list[dict]:
+    """Eager forward + backward at (1, 8) tokens, per dtype and mask: the cost of a call that is
+    not proportional to its tokens (operator dispatch, Python, autograd, scalar arithmetic)."""
+    rows = []
+    for dtype_name in args.dtypes:
+        for mask_kind in args.masks:
+            inputs = make_inputs(1, 8, getattr(torch, dtype_name), args.device, mask_kind)
+            fns = {k: METHODS[k] for k in FIXED_METHODS}
+            stats = measure(fns, inputs, args.device, max(200, 4 * args.reps), 20)
+            rows.append({"dtype": dtype_name, "mask": mask_kind, "methods": stats})
+            print(
+                f"(   1,    8) {dtype_name:8s} {mask_kind:5s} eager    "
+                + "  ".join(f"{k} {v['full']['median_ms']:.3f}" for k, v in stats.items()),
+                flush=True,
+            )
+    return rows
+
+
 def _load() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
@@ -309,6 +366,8 @@ def run(args: argparse.Namespace) -> dict:
                         flush=True,
                     )
     report = {"reps": args.reps, "results": results}
+    if "eager" in modes:
+        report["fixed"] = fixed_cost(args)
     if args.profile:
         prof = {}
         for mask_kind in args.masks:
@@ -317,6 +376,19 @@ def run(args: argparse.Namespace) -> dict:
             prof[mask_kind] = profile(inputs, names, reps=10)
             print(f"profiled (64, 4096) float32 {mask_kind} mask", flush=True)
         report["profile"] = {"B": 64, "T": 4096, "dtype": "float32", "by_mask": prof}
+        if "compiled" in modes:
+            kernels = {}
+            for mask_kind in [m for m in args.masks if m in args.compiled_masks]:
+                inputs = make_inputs(64, 4096, torch.float32, args.device, mask_kind)
+                names = ["ess", "step-stats-fused", "reinforce"]
+                kernels[mask_kind] = profile_compiled(inputs, names, reps=10)
+                print(f"profiled compiled (64, 4096) float32 {mask_kind} mask", flush=True)
+            report["profile_compiled"] = {
+                "B": 64,
+                "T": 4096,
+                "dtype": "float32",
+                "by_mask": kernels,
+            }
     env = environment(args.device)
     env["load_average_before"] = load_before
     env["load_average_after"] = _load()
@@ -373,8 +445,9 @@ def markdown(report: dict) -> str:
         "",
         "| B x T | dtype | mask | eager ess | eager clipped | **ess / clipped** | "
         "reference / clipped | speed-up | compiled ess | compiled reinforce | "
-        "**ess / reinforce** | reference / reinforce | speed-up | stats ms (fused) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "**ess / reinforce** | floor / reinforce | reference / reinforce | speed-up | "
+        "stats ms (fused) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e, c in _pairs(report):
         m = e["methods"]
@@ -392,20 +465,26 @@ def markdown(report: dict) -> str:
         if c is not None:
             mc = c["methods"]
             ess_c, rf_c, ref_c = _ms(mc["ess"]), _ms(mc["reinforce"]), _ms(mc["ess-reference"])
+            floor_c = f"{_ms(mc['floor']) / rf_c:.2f}" if "floor" in mc else "-"
             cells += [
                 f"{ess_c:.3f}",
                 f"{rf_c:.3f}",
                 f"**{ess_c / rf_c:.2f}**",
+                floor_c,
                 f"{ref_c / rf_c:.2f}",
                 f"{ref_c / ess_c:.2f}x",
             ]
         else:
-            cells += ["-"] * 5
+            cells += ["-"] * 6
         st, st_f = m.get("step-stats"), m.get("step-stats-fused")
         cells.append(f"{_ms(st):.3f} ({_ms(st_f):.3f})" if st and st_f else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    if report.get("fixed"):
+        lines += _fixed_markdown(report)
     if "profile" in report:
         lines += _profile_markdown(report["profile"])
+    if "profile_compiled" in report:
+        lines += _compiled_profile_markdown(report["profile_compiled"])
     lines += [
         "",
         "## All measurements",
@@ -429,6 +508,74 @@ def markdown(report: dict) -> str:
                 f"| {row['saved_for_backward_bytes'] / 2**20:.1f} MiB |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _fixed_markdown(report: dict) -> list[str]:
+    """The smallest size's eager time split into the fixed cost of a call, measured at (1, 8)
+    tokens, and the rest, which grows with the tokens."""
+    eager = [r for r in report["results"] if r["mode"] == "eager"]
+    if not eager:
+        return []
+    B, T = min(((r["B"], r["T"]) for r in eager), key=lambda bt: bt[0] * bt[1])
+    at = {(r["dtype"], r["mask"]): r["methods"] for r in eager if (r["B"], r["T"]) == (B, T)}
+    lines = [
+        "",
+        f"## Fixed cost of a call (eager), and the {B}x{T} time split by it",
+        "",
+        "Forward + backward at (1, 8) tokens: the part of a call's time that does not grow "
+        "with its tokens (operator dispatch, Python, autograd bookkeeping and the 0-dim "
+        f"arithmetic of the statistics and diagnostics). At {B}x{T}, `per-token` = the "
+        f"{B}x{T} median minus the (1, 8) one; `fixed share` = (1, 8) / {B}x{T} for `ess`.",
+        "",
+        "| dtype | mask | ess (1x8) | clipped (1x8) | reinforce (1x8) | "
+        f"ess per-token ({B}x{T}) | clipped per-token | **per-token ess / clipped** | "
+        "ess fixed share |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["fixed"]:
+        m, big = row["methods"], at.get((row["dtype"], row["mask"]))
+        fe, fc, fr = _ms(m["ess"]), _ms(m["clipped"]), _ms(m["reinforce"])
+        cells = [row["dtype"], row["mask"], f"{fe:.3f}", f"{fc:.3f}", f"{fr:.3f}"]
+        if big is not None:
+            pe, pc = _ms(big["ess"]) - fe, _ms(big["clipped"]) - fc
+            ratio = f"**{pe / pc:.2f}**" if pc > 0 else "-"
+            cells += [f"{pe:.3f}", f"{pc:.3f}", ratio, f"{fe / _ms(big['ess']):.0%}"]
+        else:
+            cells += ["-"] * 4
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _compiled_profile_markdown(prof: dict, top: int = 8) -> list[str]:
+    lines = [
+        "",
+        "## Where the time goes (compiled)",
+        "",
+        f"`torch.profiler` with Inductor's kernel profiling, ({prof['B']}, {prof['T']}) "
+        f"{prof['dtype']}, one forward + backward (us of self CPU time per call, the largest "
+        "entries). Each `cpp_fused_*` kernel is one fused loop nest over the tokens (a kernel "
+        "can hold several passes, one after the other); the rest is the compiled region's "
+        "overhead and any operator Inductor does not generate code for. `step-stats-fused` is "
+        "the forward's first passes alone (the maximum and count, then the two sums of "
+        "`exp(d - max)`, no gradient): `ess`'s forward kernel minus it is the pass that forms "
+        "the loss and the gradient's direction.",
+    ]
+    for mask_kind, by_method in prof["by_mask"].items():
+        names = list(by_method)
+        lines += [
+            "",
+            f"**{mask_kind} mask.** Total self time: "
+            + ", ".join(f"{n} {by_method[n]['total_us']:.0f} us" for n in names)
+            + ".",
+            "",
+            "| method | entry | n | us |",
+            "|---|---|---|---|",
+        ]
+        for n in names:
+            for o in by_method[n]["ops"][:top]:
+                op = o["op"] if len(o["op"]) <= 90 else o["op"][:87] + "..."
+                lines.append(f"| {n} | `{op}` | {o['calls']:.0f} | {o['self_us']:.0f} |")
+    return lines
 
 
 def _profile_markdown(prof: dict, top: int = 14) -> list[str]:
