@@ -209,69 +209,53 @@ def measure(fns: dict[str, LossFn], inputs, device: str, reps: int, warmup: int)
     return out
 
 
-def profile(inputs, methods: list[str], reps: int) -> dict:
-    """Eager operators of one forward + backward of each method, by self CPU time (us per
-    call, averaged over ``reps`` calls): where the time goes, pass by pass."""
+def _profiled(fn: LossFn, inputs, reps: int) -> dict:
+    """``torch.profiler`` entries of one forward + backward of ``fn`` by self CPU time (us
+    per call, averaged over ``reps`` calls after 3 untimed ones), and their total."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    out = {}
-    for name in methods:
-        fn = on_reference(METHODS[name]) if name in REFERENCE else METHODS[name]
-        for i in range(3 + reps):
-            if i == 3:
-                prof = torch_profile(activities=[ProfilerActivity.CPU])
-                prof.__enter__()
+    for _ in range(3):
+        loss = fn(*inputs)
+        if loss.requires_grad:
+            loss.backward()
+        inputs[0].grad = None
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
             loss = fn(*inputs)
             if loss.requires_grad:
                 loss.backward()
             inputs[0].grad = None
-        prof.__exit__(None, None, None)
-        rows = []
-        for ev in prof.key_averages():
-            if ev.self_cpu_time_total <= 0:
-                continue
-            rows.append(
-                {
-                    "op": ev.key,
-                    "calls": ev.count / reps,
-                    "self_us": ev.self_cpu_time_total / reps,
-                }
-            )
-        rows.sort(key=lambda r: -r["self_us"])
-        out[name] = {"total_us": sum(r["self_us"] for r in rows), "ops": rows}
-    return out
+    rows = [
+        {"op": ev.key, "calls": ev.count / reps, "self_us": ev.self_cpu_time_total / reps}
+        for ev in prof.key_averages()
+        if ev.self_cpu_time_total > 0
+    ]
+    rows.sort(key=lambda r: -r["self_us"])
+    return {"total_us": sum(r["self_us"] for r in rows), "ops": rows}
+
+
+def profile(inputs, methods: list[str], reps: int) -> dict:
+    """Eager operators of one forward + backward of each method, by self CPU time (us per
+    call, averaged over ``reps`` calls): where the time goes, pass by pass."""
+    return {
+        name: _profiled(on_reference(METHODS[name]) if name in REFERENCE else METHODS[name],
+                        inputs, reps)
+        for name in methods
+    }  # fmt: skip
 
 
 def profile_compiled(inputs, methods: list[str], reps: int) -> dict:
     """Compiled kernels of one forward + backward of each method (us of self time per call,
     averaged over ``reps`` calls), with Inductor's per-kernel profiling on: on the CPU each
-    ``cpp_fused_*`` kernel is one fused loop nest, so its time is what one pass costs."""
+    ``cpp_fused_*`` kernel is a fused loop nest over the tokens."""
     import torch._inductor.config as inductor_config
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
 
     out = {}
     with inductor_config.patch({"cpp.enable_kernel_profile": True}):
         for name in methods:
             torch._dynamo.reset()
-            fn = torch.compile(METHODS[name], dynamic=False)
-            for i in range(3 + reps):
-                if i == 3:
-                    prof = torch_profile(activities=[ProfilerActivity.CPU])
-                    prof.__enter__()
-                loss = fn(*inputs)
-                if loss.requires_grad:
-                    loss.backward()
-                inputs[0].grad = None
-            prof.__exit__(None, None, None)
-            rows = [
-                {"op": ev.key, "calls": ev.count / reps, "self_us": ev.self_cpu_time_total / reps}
-                for ev in prof.key_averages()
-                if ev.self_cpu_time_total > 0
-            ]
-            rows.sort(key=lambda r: -r["self_us"])
-            out[name] = {"total_us": sum(r["self_us"] for r in rows), "ops": rows}
+            out[name] = _profiled(torch.compile(METHODS[name], dynamic=False), inputs, reps)
     torch._dynamo.reset()
     return out
 
