@@ -620,14 +620,21 @@ def plot(report: dict, path: Path) -> None:
                 ax.set_axis_off()
                 ax.set_title(f"{mode}, {dtype}, {mask_kind} mask: not measured", fontsize=9)
                 continue
-            for k, name in enumerate(("ess", "ess-reference")):
+            # compiled: also the floor (REINFORCE plus two transcendental functions per token)
+            names = ("ess", "ess-reference") + (("floor",) if mode == "compiled" else ())
+            width = 0.8 / len(names)
+            for k, name in enumerate(names):
                 vals = []
                 for e, c in rows:
                     r = e if mode == "eager" else c
+                    ok = r is not None and name in r["methods"]
                     vals.append(
-                        _ms(r["methods"][name]) / _ms(r["methods"][base]) if r else float("nan")
+                        _ms(r["methods"][name]) / _ms(r["methods"][base]) if ok else float("nan")
                     )
-                ax.bar([x + (k - 0.5) * 0.4 for x in xs], vals, 0.4, label=name)
+                offsets = [x + (k - (len(names) - 1) / 2) * width for x in xs]
+                ax.bar(offsets, vals, width, label=name, color=f"C{k}")
+            if mode == "compiled" and i == 0:
+                ax.legend(fontsize=8)
             ax.axhline(target, color="black", lw=0.8, ls="--")
             ax.set_xticks(list(xs), labels, fontsize=8)
             ax.set_title(f"{mode}, {dtype}, {mask_kind} mask: / {base}", fontsize=9)
