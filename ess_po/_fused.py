@@ -243,7 +243,7 @@ class _ESSSums(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_pol, _g_reg):  # type: ignore[override]
-        if g_loss is None:
+        if g_loss is None:  # an undefined gradient (gradcheck's check_undefined_grad passes one)
             return (None,) * 10
         logp_new, grad_dir, one_minus_ess, logp_old, mask, *divisor = ctx.saved_tensors
         g = _divide(g_loss, divisor[0] if divisor else ctx.divisor)
