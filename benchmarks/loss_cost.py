@@ -530,6 +530,12 @@ def _fixed_markdown(report: dict) -> list[str]:
     return lines
 
 
+def _mask_heading(mask_kind: str, by_method: dict) -> list[str]:
+    """The heading of one mask's profile table: each method's total self time."""
+    totals = ", ".join(f"{n} {p['total_us']:.0f} us" for n, p in by_method.items())
+    return ["", f"**{mask_kind} mask.** Total self time: {totals}.", ""]
+
+
 def _compiled_profile_markdown(prof: dict, top: int = 8) -> list[str]:
     lines = [
         "",
@@ -546,12 +552,8 @@ def _compiled_profile_markdown(prof: dict, top: int = 8) -> list[str]:
     ]
     for mask_kind, by_method in prof["by_mask"].items():
         names = list(by_method)
+        lines += _mask_heading(mask_kind, by_method)
         lines += [
-            "",
-            f"**{mask_kind} mask.** Total self time: "
-            + ", ".join(f"{n} {by_method[n]['total_us']:.0f} us" for n in names)
-            + ".",
-            "",
             "| method | entry | n | us |",
             "|---|---|---|---|",
         ]
@@ -573,12 +575,8 @@ def _profile_markdown(prof: dict, top: int = 14) -> list[str]:
     ]
     for mask_kind, by_method in prof["by_mask"].items():
         names = list(by_method)
+        lines += _mask_heading(mask_kind, by_method)
         lines += [
-            "",
-            f"**{mask_kind} mask.** Total self time: "
-            + ", ".join(f"{n} {by_method[n]['total_us']:.0f} us" for n in names)
-            + ".",
-            "",
             "| " + " | ".join(f"{n}: op | n | us" for n in names[:3]) + " |",
             "|" + "---|---|---|" * len(names[:3]),
         ]
